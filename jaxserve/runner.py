@@ -1,0 +1,118 @@
+"""ModelRunner: turns a list of scheduled chunks into one padded ragged batch, runs the jitted
+forward (KV cache donated, updated in place) and the on-device sampler.
+
+Shapes are padded to powers of two (tokens, sequences, pages per sequence) so the number of
+compiled variants stays small.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.lora.slots import LoRASlots
+from jaxserve.model import llama
+from jaxserve.sampling import MAX_LOGPROBS, sample
+from jaxserve.sequence import Sequence
+
+
+@dataclasses.dataclass
+class Chunk:
+    """Tokens [start, start + length) of seq to process this step; sample after them if wants_token."""
+    seq: Sequence
+    start: int
+    length: int
+    wants_token: bool
+
+
+@dataclasses.dataclass
+class SampledToken:
+    seq: Sequence
+    token: int
+    logprob: float
+    top: dict[int, float] | None
+
+
+def _bucket(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, params, num_pages: int, page_size: int, dtype,
+                 lora_slots: LoRASlots, kernels: str = "reference"):
+        self.cfg, self.page_size, self.lora_slots = cfg, page_size, lora_slots
+        self.params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+        self.kv_cache = llama.init_kv_cache(cfg, num_pages, page_size, dtype)
+        self._forward = jax.jit(partial(llama.forward, cfg=cfg, kernels=kernels), donate_argnums=(1,))
+        self.device_time = 0.0
+
+    def build_batch(self, chunks: list[Chunk]) -> tuple[llama.Batch, list[int]]:
+        """Padded numpy batch; also the logits row of every chunk that samples."""
+        lengths = np.array([c.length for c in chunks])
+        num_tokens = _bucket(int(lengths.sum()), 8)
+        num_seqs = _bucket(len(chunks), 1)
+        max_pages = _bucket(max(len(c.seq.page_table) for c in chunks), 1)
+        token_ids = np.zeros(num_tokens, np.int32)
+        positions = np.zeros(num_tokens, np.int32)
+        token_seq = np.zeros(num_tokens, np.int32)
+        slot_mapping = np.full(num_tokens, -1, np.int32)
+        lora_slots = np.full(num_tokens, -1, np.int32)
+        page_tables = np.zeros((num_seqs, max_pages), np.int32)
+        logits_indices = np.zeros(num_seqs, np.int32)
+        sample_rows, offset = [], 0
+        for i, c in enumerate(chunks):
+            span = slice(offset, offset + c.length)
+            pos = np.arange(c.start, c.start + c.length)
+            table = np.asarray(c.seq.page_table, np.int32)
+            token_ids[span] = c.seq.all_token_ids[c.start:c.start + c.length]
+            positions[span] = pos
+            token_seq[span] = i
+            slot_mapping[span] = table[pos // self.page_size] * self.page_size + pos % self.page_size
+            slot = self.lora_slots.slot_of(c.seq.lora_name) if c.seq.lora_name else None
+            lora_slots[span] = -1 if slot is None else slot
+            page_tables[i, :len(table)] = table
+            offset += c.length
+            if c.wants_token:
+                logits_indices[len(sample_rows)] = offset - 1
+                sample_rows.append(len(sample_rows))
+        batch = llama.Batch(token_ids, positions, token_seq, slot_mapping, page_tables, lora_slots,
+                            logits_indices)
+        return batch, sample_rows
+
+    def run(self, chunks: list[Chunk]) -> list[SampledToken]:
+        batch, rows = self.build_batch(chunks)
+        use_lora = bool((batch.lora_slots >= 0).any())
+        lora = self.lora_slots.arrays if use_lora else None
+        sampling = [c.seq for c in chunks if c.wants_token]
+        start = time.perf_counter()
+        logits, self.kv_cache = self._forward(self.params, self.kv_cache, batch, lora=lora)
+        if not sampling:
+            jax.block_until_ready(self.kv_cache)
+            self.device_time += time.perf_counter() - start
+            return []
+        n = logits.shape[0]
+        pad = n - len(sampling)
+        temperature = np.array([s.params.temperature for s in sampling] + [0.0] * pad, np.float32)
+        top_k = np.array([s.params.top_k for s in sampling] + [-1] * pad, np.int32)
+        top_p = np.array([s.params.top_p for s in sampling] + [1.0] * pad, np.float32)
+        seeds = np.array([[s.seed & 0xFFFFFFFF, s.seed >> 32] for s in sampling] + [[0, 0]] * pad, np.uint32)
+        steps = np.array([len(s.output_token_ids) for s in sampling] + [0] * pad, np.int32)
+        wanted = max((s.params.logprobs or 0) for s in sampling)
+        num_logprobs = MAX_LOGPROBS if wanted else 0  # one compiled variant serves every N
+        tokens, logprob, top_ids, top_lp = jax.device_get(
+            sample(logits, temperature, top_k, top_p, seeds, steps, num_logprobs=num_logprobs))
+        self.device_time += time.perf_counter() - start
+        results = []
+        for row, seq in enumerate(sampling):
+            top = None
+            if seq.params.logprobs is not None:
+                k = seq.params.logprobs
+                top = {int(t): float(lp) for t, lp in zip(top_ids[row, :k], top_lp[row, :k])}
+                top[int(tokens[row])] = float(logprob[row])
+            results.append(SampledToken(seq, int(tokens[row]), float(logprob[row]), top))
+        return results

@@ -1,0 +1,94 @@
+"""SamplingParams (vLLM's names and meanings) and the on-device sampler."""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+MAX_LOGPROBS = 20  # like vLLM's default max_logprobs
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """temperature 0 is greedy; top_k -1 (or 0) and top_p 1 disable those filters; seed makes a
+    request's sampling reproducible whatever else is in the batch; logprobs=N returns, for each
+    generated token, a dict token_id -> logprob of the N most likely tokens plus the sampled one
+    (log-probabilities of the model's raw distribution, before temperature and filters)."""
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    max_tokens: int | None = 16
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == 0:
+            self.top_k = -1
+        self._validate()
+
+    def _validate(self):
+        def bad(name, allowed):
+            raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is invalid; allowed: {allowed}")
+
+        if self.n != 1:
+            bad("n", "1 (several completions per prompt are not supported yet)")
+        if not (isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature):
+            bad("temperature", "a number >= 0 (0 means greedy)")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            bad("top_p", "a number in (0, 1]")
+        if not (isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1)):
+            bad("top_k", "-1 or 0 (disabled) or an integer >= 1")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            bad("seed", "None or an integer in [0, 2**63)")
+        if self.max_tokens is not None and not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            bad("max_tokens", "None or an integer >= 1")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "a non-empty string or a list of them")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "a list of token ids >= 0")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int)
+                                              and 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
+
+
+@partial(jax.jit, static_argnames=("num_logprobs",))
+def sample(logits, temperature, top_k, top_p, seeds, steps, num_logprobs: int = 0):
+    """Sample one token per row, on device.
+
+    logits [N, V] float32; temperature, top_p [N] float32; top_k [N] int32 (-1: off);
+    seeds [N, 2] uint32 (a request's 64-bit seed) and steps [N] int32 (its output length so far):
+    each row draws from its own key, so a request's tokens never depend on its neighbours.
+    Returns (tokens [N], sampled token's logprob [N], top ids [N, k], top logprobs [N, k]).
+    """
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1)
+    # Filters work on the logits sorted in descending order, then scatter back by rank.
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1) / jnp.maximum(temperature, 1e-6)[:, None]
+    rank = jnp.arange(logits.shape[-1])[None, :]
+    keep = (top_k[:, None] < 0) | (rank < top_k[:, None])
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= mass_before < top_p[:, None]  # always keeps rank 0
+    sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s[0]), s[1]), t))(
+        seeds, steps)
+    picked_rank = jax.vmap(jax.random.categorical)(keys, sorted_logits)
+    sampled = jnp.take_along_axis(order, picked_rank[:, None], axis=-1)[:, 0]
+    tokens = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    token_logprob = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, num_logprobs)
+    return tokens, token_logprob, top_ids, top_logprobs
