@@ -18,6 +18,7 @@ from jaxserve.lora.slots import LoRASlots
 from jaxserve.memory.pages import PagePool
 from jaxserve.model import weights
 from jaxserve.outputs import RequestOutput
+from jaxserve.pallas.ops import get_ops
 from jaxserve.runner import ModelRunner
 from jaxserve.sampling import SamplingParams
 from jaxserve.sequence import Sequence
@@ -53,6 +54,7 @@ class LLM:
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= {low}")
         self.dtype = _resolve_dtype(dtype)
+        get_ops(kernels)  # fail now, not at the first step, on an unknown kernel backend
         path = weights.resolve_model(model)
         if path.suffix == ".gguf":
             hf_config, params, gguf = weights.load_gguf_params(path)
@@ -113,9 +115,7 @@ class LLM:
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate for every prompt (a str, a {"prompt_token_ids": [...]} dict, or a list of
         them) in one batch; prompts may use different adapters. Returns outputs in prompt order."""
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
         params = self._per_prompt(sampling_params, len(prompts), "sampling_params") or [None] * len(prompts)
         loras = self._per_prompt(lora_request, len(prompts), "lora_request") or [None] * len(prompts)
         params = [p if p is not None else SamplingParams() for p in params]

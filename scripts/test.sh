@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set everything up, then run the whole test suite on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,78 @@
+"""The on-device sampler against a numpy reference of the filtered distribution, and
+SamplingParams validation."""
+import numpy as np
+import pytest
+
+from jaxserve.sampling import SamplingParams, sample
+
+
+def reference_probs(logits, temperature, top_k, top_p):
+    """float64 numpy: temperature, then top-k, then top-p (smallest prefix with mass >= top_p)."""
+    z = logits.astype(np.float64) / temperature
+    order = np.argsort(-z, kind="stable")
+    keep = np.zeros_like(z, bool)
+    p = np.exp(z[order] - z[order].max())
+    k = len(z) if top_k < 0 else top_k
+    p[k:] = 0
+    p /= p.sum()
+    mass_before = np.cumsum(p) - p
+    keep[order] = (mass_before < top_p) & (np.arange(len(z)) < k)
+    out = np.where(keep, np.exp(z - z.max()), 0)
+    return out / out.sum()
+
+
+def draw(logits, temperature, top_k, top_p, n, seed0=0):
+    rows = np.repeat(logits[None], n, 0).astype(np.float32)
+    seeds = np.stack([np.arange(seed0, seed0 + n), np.zeros(n)], 1).astype(np.uint32)
+    tokens, lp, _, _ = sample(rows, np.full(n, temperature, np.float32), np.full(n, top_k, np.int32),
+                              np.full(n, top_p, np.float32), seeds, np.zeros(n, np.int32))
+    return np.asarray(tokens), np.asarray(lp)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, -1, 1.0), (0.7, 3, 1.0), (1.3, -1, 0.6),
+                                                     (1.0, 4, 0.8)])
+def test_sample_frequencies_match_reference(temperature, top_k, top_p):
+    logits = np.random.default_rng(1).normal(size=10) * 1.5
+    n = 6000
+    tokens, _ = draw(logits, temperature, top_k, top_p, n)
+    freq = np.bincount(tokens, minlength=10) / n
+    want = reference_probs(logits, temperature, top_k, top_p)
+    assert np.all(freq[want == 0] == 0), "sampled a token the filters remove"
+    # 4.5 binomial standard deviations per token: a false alarm is ~1e-5 per token.
+    assert np.all(np.abs(freq - want) <= 4.5 * np.sqrt(want * (1 - want) / n) + 1e-9)
+
+
+def test_greedy_and_logprobs():
+    logits = np.random.default_rng(2).normal(size=(3, 50)).astype(np.float32)
+    tokens, lp, top_ids, top_lp = sample(logits, np.zeros(3, np.float32), np.full(3, -1, np.int32),
+                                         np.ones(3, np.float32), np.zeros((3, 2), np.uint32),
+                                         np.zeros(3, np.int32), num_logprobs=5)
+    ref = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))
+    np.testing.assert_allclose(lp, ref.max(-1), atol=1e-5)
+    np.testing.assert_array_equal(top_ids, np.argsort(-ref, -1)[:, :5])
+    np.testing.assert_allclose(top_lp, -np.sort(-ref, -1)[:, :5], atol=1e-5)
+
+
+def test_same_seed_same_tokens_different_seed_different():
+    logits = np.zeros(1000)
+    a, _ = draw(logits, 1.0, -1, 1.0, 64, seed0=5)
+    b, _ = draw(logits, 1.0, -1, 1.0, 64, seed0=5)
+    c, _ = draw(logits, 1.0, -1, 1.0, 64, seed0=500)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).mean() > 0.9
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5),
+                                         ("top_k", -2), ("max_tokens", 0), ("seed", -1),
+                                         ("logprobs", 21), ("stop", [""]), ("stop_token_ids", [-1]),
+                                         ("n", 2)])
+def test_invalid_sampling_params_name_value_and_range(field, value):
+    with pytest.raises(ValueError) as err:
+        SamplingParams(**{field: value})
+    assert field in str(err.value) and repr(value) in str(err.value) and "allowed" in str(err.value)
+
+
+def test_sampling_params_normalises():
+    p = SamplingParams(stop="###", top_k=0)
+    assert p.stop == ["###"] and p.top_k == -1 and p.stop_token_ids == []
