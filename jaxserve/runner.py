@@ -104,8 +104,9 @@ class ModelRunner:
         steps = np.array([len(s.output_token_ids) for s in sampling] + [0] * pad, np.int32)
         wanted = max((s.params.logprobs or 0) for s in sampling)
         num_logprobs = MAX_LOGPROBS if wanted else 0  # one compiled variant serves every N
-        tokens, logprob, top_ids, top_lp = jax.device_get(
-            sample(logits, temperature, top_k, top_p, seeds, steps, num_logprobs=num_logprobs))
+        use_filters = bool(((top_k > 0) | (top_p < 1.0)).any())
+        tokens, logprob, top_ids, top_lp = jax.device_get(sample(
+            logits, temperature, top_k, top_p, seeds, steps, num_logprobs=num_logprobs, use_filters=use_filters))
         self.device_time += time.perf_counter() - start
         results = []
         for row, seq in enumerate(sampling):

@@ -64,30 +64,34 @@ class SamplingParams:
             bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
 
 
-@partial(jax.jit, static_argnames=("num_logprobs",))
-def sample(logits, temperature, top_k, top_p, seeds, steps, num_logprobs: int = 0):
+@partial(jax.jit, static_argnames=("num_logprobs", "use_filters"))
+def sample(logits, temperature, top_k, top_p, seeds, steps, num_logprobs: int = 0, use_filters: bool = True):
     """Sample one token per row, on device.
 
     logits [N, V] float32; temperature, top_p [N] float32; top_k [N] int32 (-1: off);
     seeds [N, 2] uint32 (a request's 64-bit seed) and steps [N] int32 (its output length so far):
     each row draws from its own key, so a request's tokens never depend on its neighbours.
+    use_filters=False (static) skips the vocabulary sort when no row uses top-k or top-p.
     Returns (tokens [N], sampled token's logprob [N], top ids [N, k], top logprobs [N, k]).
     """
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     greedy = jnp.argmax(logits, axis=-1)
-    # Filters work on the logits sorted in descending order, then scatter back by rank.
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1) / jnp.maximum(temperature, 1e-6)[:, None]
-    rank = jnp.arange(logits.shape[-1])[None, :]
-    keep = (top_k[:, None] < 0) | (rank < top_k[:, None])
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep &= mass_before < top_p[:, None]  # always keeps rank 0
-    sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s[0]), s[1]), t))(
         seeds, steps)
-    picked_rank = jax.vmap(jax.random.categorical)(keys, sorted_logits)
-    sampled = jnp.take_along_axis(order, picked_rank[:, None], axis=-1)[:, 0]
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    if use_filters:
+        # Filters work on the logits sorted in descending order; the draw picks a rank.
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        rank = jnp.arange(logits.shape[-1])[None, :]
+        keep = (top_k[:, None] < 0) | (rank < top_k[:, None])
+        probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep &= mass_before < top_p[:, None]  # always keeps rank 0
+        picked_rank = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, sorted_logits, -jnp.inf))
+        sampled = jnp.take_along_axis(order, picked_rank[:, None], axis=-1)[:, 0]
+    else:
+        sampled = jax.vmap(jax.random.categorical)(keys, scaled)
     tokens = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
     token_logprob = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = jax.lax.top_k(logprobs, num_logprobs)

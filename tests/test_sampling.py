@@ -21,20 +21,21 @@ def reference_probs(logits, temperature, top_k, top_p):
     return out / out.sum()
 
 
-def draw(logits, temperature, top_k, top_p, n, seed0=0):
+def draw(logits, temperature, top_k, top_p, n, seed0=0, use_filters=True):
     rows = np.repeat(logits[None], n, 0).astype(np.float32)
     seeds = np.stack([np.arange(seed0, seed0 + n), np.zeros(n)], 1).astype(np.uint32)
     tokens, lp, _, _ = sample(rows, np.full(n, temperature, np.float32), np.full(n, top_k, np.int32),
-                              np.full(n, top_p, np.float32), seeds, np.zeros(n, np.int32))
+                              np.full(n, top_p, np.float32), seeds, np.zeros(n, np.int32), use_filters=use_filters)
     return np.asarray(tokens), np.asarray(lp)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, -1, 1.0), (0.7, 3, 1.0), (1.3, -1, 0.6),
-                                                     (1.0, 4, 0.8)])
-def test_sample_frequencies_match_reference(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,use_filters", [
+    (1.0, -1, 1.0, False), (0.5, -1, 1.0, False), (1.0, -1, 1.0, True), (0.7, 3, 1.0, True),
+    (1.3, -1, 0.6, True), (1.0, 4, 0.8, True)])
+def test_sample_frequencies_match_reference(temperature, top_k, top_p, use_filters):
     logits = np.random.default_rng(1).normal(size=10) * 1.5
     n = 6000
-    tokens, _ = draw(logits, temperature, top_k, top_p, n)
+    tokens, _ = draw(logits, temperature, top_k, top_p, n, use_filters=use_filters)
     freq = np.bincount(tokens, minlength=10) / n
     want = reference_probs(logits, temperature, top_k, top_p)
     assert np.all(freq[want == 0] == 0), "sampled a token the filters remove"

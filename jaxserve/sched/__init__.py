@@ -1,0 +1,1 @@
+"""Schedulers (FCFS, VTC and baselines) arrive with the engine and fairness issues."""
