@@ -111,8 +111,7 @@ class LLM:
 
     # ---- generation -----------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 lora_request: LoRARequest | list[LoRARequest | None] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Generate for every prompt (a str, a {"prompt_token_ids": [...]} dict, or a list of
         them) in one batch; prompts may use different adapters. Returns outputs in prompt order."""
         prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]

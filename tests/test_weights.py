@@ -55,3 +55,27 @@ def test_gguf_params_cache(tmp_path, monkeypatch):
     config2, second, model = weights.load_gguf_params(path)
     assert config2 == config and model.tokenizer is not None
     jax.tree.map(np.testing.assert_array_equal, first, second)
+
+
+def test_mistral_architecture_caps_model_len_at_sliding_window(tmp_path, golden):
+    """Mistral's tensors are Llama's; with a sliding window, full attention is only exact up to
+    the window, so max_model_len is capped there."""
+    import json
+    import shutil
+    from jaxserve import SamplingParams
+    folder = tmp_path / "tiny-mistral"
+    shutil.copytree(FIXTURES / "tiny-llama", folder, ignore=shutil.ignore_patterns("adapters"))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=48)
+    (folder / "config.json").write_text(json.dumps(config))
+    llm = LLM(str(folder), max_model_len=64)
+    assert llm.max_model_len == 48
+    entry = golden["tiny-llama"]["base"]
+    out = llm.generate({"prompt_token_ids": entry["prompts"][2]},
+                       SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == entry["greedy"][2]
+
+
+def test_unsupported_architecture():
+    with pytest.raises(ValueError, match="'GPT2LMHeadModel' is not supported"):
+        ModelConfig.from_hf({"architectures": ["GPT2LMHeadModel"]})

@@ -31,10 +31,10 @@ import json
 import math
 import os
 import re
-import struct
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from jaxserve.config import ATTN_MODULES, LORA_MODULES, MLP_MODULES, ModelConfig
 
@@ -67,8 +67,7 @@ _UNSUPPORTED_FEATURES = {
 # init_lora_weights values whose saved adapters only work on a base model PEFT modified in place.
 _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
-_SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
-                       "F64": np.dtype("<f8")}
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 _TENSOR_RE = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.default)?(?:\.weight)?$")
 _LAYER_PATH_RE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<parent>[A-Za-z0-9_]+)\.(?P<module>[A-Za-z0-9_]+)$")
@@ -270,22 +269,6 @@ class _Loader:
         return out
 
     # ---------------------------------------------------------------- tensors
-    def read_safetensors_header(self, f, file_size: int) -> tuple[int, dict]:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise self.fail(f"{WEIGHTS_NAME} is truncated; expected a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > file_size - 8 or n > 100 * 2**20:
-            raise self.fail(f"{WEIGHTS_NAME} has a corrupt header (length {n}); expected a safetensors file")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise self.fail(f"{WEIGHTS_NAME} has a corrupt header; expected a safetensors file") from None
-        if not isinstance(header, dict):
-            raise self.fail(f"{WEIGHTS_NAME} has a corrupt header; expected a safetensors file")
-        header.pop("__metadata__", None)
-        return 8 + n, header
-
     def read_tensors(self) -> dict[tuple[int, str], dict[str, np.ndarray]]:
         wfile = os.path.join(self.path, WEIGHTS_NAME)
         if not os.path.isfile(wfile):
@@ -293,31 +276,38 @@ class _Loader:
             extra = (" (found adapter_model.bin: PyTorch pickle weights are not supported)" if has_bin else "")
             raise self.fail(f"missing {WEIGHTS_NAME}{extra}; allowed: safetensors weights only "
                             f"(adapter_model.bin is not supported; re-save with safe_serialization=True)")
-        entries: dict[tuple[int, str], dict[str, tuple[str, dict]]] = {}
         try:
-            file_size = os.path.getsize(wfile)
-            with open(wfile, "rb") as f:
-                data_start, header = self.read_safetensors_header(f, file_size)
-                for name, info in header.items():
+            with safe_open(wfile, framework="numpy") as f:
+                names = {}
+                for name in f.keys():
                     key, ab = self.classify(name)
-                    slot = entries.setdefault(key, {})
+                    slot = names.setdefault(key, {})
                     if ab in slot:
-                        raise self.fail(f"tensor {name!r} duplicates {slot[ab][0]!r}; allowed: one lora_{ab} per module")
-                    slot[ab] = (name, info)
-                if not entries:
+                        raise self.fail(f"tensor {name!r} duplicates {slot[ab]!r}; allowed: one lora_{ab} per module")
+                    slot[ab] = name
+                if not names:
                     raise self.fail(f"{WEIGHTS_NAME} holds no LoRA tensors; expected lora_A/lora_B weights for "
                                     f"{_supported()}")
                 out = {}
-                for key in sorted(entries, key=lambda k: (k[0], LORA_MODULES.index(k[1]))):
-                    slot = entries[key]
+                for key in sorted(names, key=lambda k: (k[0], LORA_MODULES.index(k[1]))):
+                    slot = names[key]
                     for ab, other in (("A", "B"), ("B", "A")):
                         if other not in slot:
-                            raise self.fail(f"tensor {slot[ab][0]!r} has no lora_{other} partner; every adapted "
+                            raise self.fail(f"tensor {slot[ab]!r} has no lora_{other} partner; every adapted "
                                             f"module needs both lora_A and lora_B")
-                    out[key] = {ab: self.load_tensor(f, data_start, file_size, *slot[ab]) for ab in "AB"}
+                    out[key] = {ab: self.load_tensor(f, slot[ab]) for ab in "AB"}
                 return out
-        except OSError as e:
-            raise self.fail(f"cannot read {WEIGHTS_NAME} ({e}); expected a readable safetensors file") from None
+        except (SafetensorError, OSError) as e:
+            raise self.fail(f"cannot read {WEIGHTS_NAME}, corrupt or truncated ({e}); expected a safetensors "
+                            f"file") from None
+
+    def load_tensor(self, f, name: str) -> np.ndarray:
+        view = f.get_slice(name)
+        if view.get_dtype() not in _FLOAT_DTYPES:
+            raise self.fail(f"tensor {name!r} has dtype {view.get_dtype()!r}; allowed: {', '.join(_FLOAT_DTYPES)}")
+        if len(view.get_shape()) != 2:
+            raise self.fail(f"tensor {name!r} has shape {tuple(view.get_shape())}; allowed: a 2-D matrix")
+        return f.get_tensor(name)
 
     def classify(self, name: str) -> tuple[tuple[int, str], str]:
         m = _TENSOR_RE.match(name)
@@ -339,33 +329,6 @@ class _Loader:
             raise self.fail(f"tensor {name!r} is for layer {layer} but the base model has {self.cfg.num_layers} "
                             f"layers; allowed layers: 0..{self.cfg.num_layers - 1}")
         return (layer, module), m.group("ab")
-
-    def load_tensor(self, f, data_start: int, file_size: int, name: str, info: Any) -> np.ndarray:
-        if not isinstance(info, dict):
-            raise self.fail(f"{WEIGHTS_NAME} header entry for {name!r} is corrupt; expected a safetensors file")
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise self.fail(f"tensor {name!r} has dtype {info.get('dtype')!r}; allowed: "
-                            f"{', '.join(_SAFETENSORS_DTYPES)}")
-        shape, offs = info.get("shape"), info.get("data_offsets")
-        ok = (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
-              and isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs))
-        if ok:
-            begin, end = offs
-            ok = 0 <= begin <= end and data_start + end <= file_size and \
-                end - begin == math.prod(shape) * dtype.itemsize
-        if not ok:
-            raise self.fail(f"tensor {name!r} has a corrupt shape/offset entry; expected a valid safetensors file")
-        if len(shape) != 2:
-            raise self.fail(f"tensor {name!r} has shape {tuple(shape)}; allowed: a 2-D matrix")
-        f.seek(data_start + begin)
-        raw = f.read(end - begin)
-        if len(raw) != end - begin:
-            raise self.fail(f"{WEIGHTS_NAME} is truncated at {name!r}; expected a complete safetensors file")
-        arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
-        if info["dtype"] == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr
 
     # ---------------------------------------------------------------- main
     def load(self) -> PeftAdapter:
