@@ -90,6 +90,8 @@ class GenerationLoop:
         elif len(seq.output_token_ids) >= seq.max_tokens:
             seq.finish_reason = "length"
         if params.stop and self.tokenizer is not None:
+            # Decodes the whole output each token (stop strings may span tokens); the engine's
+            # incremental detokenizer replaces this.
             text = self.tokenizer.decode(seq.output_token_ids, params.skip_special_tokens)
             hits = [(text.find(s), s) for s in params.stop if s in text]
             if hits:
@@ -101,8 +103,8 @@ class GenerationLoop:
         seq.page_table = []
 
     def output(self, seq: Sequence) -> RequestOutput:
-        text = seq.text
-        if self.tokenizer is not None and not (seq.stop_reason in seq.params.stop):
+        text = seq.text  # already cut before the stop string when one ended the request
+        if self.tokenizer is not None and not isinstance(seq.stop_reason, str):
             text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
         completion = CompletionOutput(0, text, list(seq.output_token_ids), seq.cumulative_logprob,
                                       seq.output_logprobs if seq.params.logprobs is not None else None,

@@ -91,14 +91,22 @@ class LLM:
     # ---- adapters -------------------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> None:
         """Register an adapter (loaded into host memory, validated against the base model)."""
-        known = self._adapters.get(lora_request.lora_name)
-        if known is not None:
-            if Path(known[0].lora_path).resolve() != Path(lora_request.lora_path).resolve():
-                raise ValueError(f"LoRA name {lora_request.lora_name!r} is already registered with path "
-                                 f"{known[0].lora_path!r}, not {lora_request.lora_path!r}")
-            return
-        adapter = load_peft_adapter(lora_request.lora_path, self.model_config, self.max_lora_rank)
-        self._adapters[lora_request.lora_name] = (lora_request, adapter)
+        self._register_loras([lora_request])
+
+    def _register_loras(self, requests) -> None:
+        """Load and validate every new adapter, then register them all — or none, if one fails."""
+        loaded: dict[str, tuple[LoRARequest, PeftAdapter]] = {}
+        for req in requests:
+            if req is None:
+                continue
+            known = self._adapters.get(req.lora_name) or loaded.get(req.lora_name)
+            if known is not None:
+                if Path(known[0].lora_path).resolve() != Path(req.lora_path).resolve():
+                    raise ValueError(f"LoRA name {req.lora_name!r} is already registered with path "
+                                     f"{known[0].lora_path!r}, not {req.lora_path!r}")
+                continue
+            loaded[req.lora_name] = (req, load_peft_adapter(req.lora_path, self.model_config, self.max_lora_rank))
+        self._adapters.update(loaded)
 
     def remove_lora(self, lora_name: str) -> None:
         if lora_name not in self._adapters:
@@ -120,9 +128,7 @@ class LLM:
         params = [p if p is not None else SamplingParams() for p in params]
         # Validate everything (and load every adapter) before any work starts: a bad request
         # fails alone and changes nothing.
-        for lora in loras:
-            if lora is not None:
-                self.add_lora(lora)
+        self._register_loras(loras)
         seqs = [self._make_sequence(p, sp, lr) for p, sp, lr in zip(prompts, params, loras)]
         loop = GenerationLoop(self.runner, self.pool, self.lora_slots, self.tokenizer,
                               {n: a for n, (_, a) in self._adapters.items()},

@@ -51,8 +51,8 @@ class ModelRunner:
         self._forward = jax.jit(partial(llama.forward, cfg=cfg, kernels=kernels), donate_argnums=(1,))
         self.device_time = 0.0
 
-    def build_batch(self, chunks: list[Chunk]) -> tuple[llama.Batch, list[int]]:
-        """Padded numpy batch; also the logits row of every chunk that samples."""
+    def build_batch(self, chunks: list[Chunk]) -> llama.Batch:
+        """Padded numpy batch; logits rows follow the order of the chunks that sample."""
         lengths = np.array([c.length for c in chunks])
         num_tokens = _bucket(int(lengths.sum()), 8)
         num_seqs = _bucket(len(chunks), 1)
@@ -64,7 +64,7 @@ class ModelRunner:
         lora_slots = np.full(num_tokens, -1, np.int32)
         page_tables = np.zeros((num_seqs, max_pages), np.int32)
         logits_indices = np.zeros(num_seqs, np.int32)
-        sample_rows, offset = [], 0
+        num_sampling, offset = 0, 0
         for i, c in enumerate(chunks):
             span = slice(offset, offset + c.length)
             pos = np.arange(c.start, c.start + c.length)
@@ -78,14 +78,13 @@ class ModelRunner:
             page_tables[i, :len(table)] = table
             offset += c.length
             if c.wants_token:
-                logits_indices[len(sample_rows)] = offset - 1
-                sample_rows.append(len(sample_rows))
-        batch = llama.Batch(token_ids, positions, token_seq, slot_mapping, page_tables, lora_slots,
-                            logits_indices)
-        return batch, sample_rows
+                logits_indices[num_sampling] = offset - 1
+                num_sampling += 1
+        return llama.Batch(token_ids, positions, token_seq, slot_mapping, page_tables, lora_slots,
+                           logits_indices)
 
     def run(self, chunks: list[Chunk]) -> list[SampledToken]:
-        batch, rows = self.build_batch(chunks)
+        batch = self.build_batch(chunks)
         use_lora = bool((batch.lora_slots >= 0).any())
         lora = self.lora_slots.arrays if use_lora else None
         sampling = [c.seq for c in chunks if c.wants_token]

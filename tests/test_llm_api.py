@@ -115,9 +115,10 @@ def test_bad_adapter_fails_alone(tiny_llm, tmp_path, golden):
     registered = tiny_llm.list_loras()
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
     bad = LoRARequest("broken", 99, str(tmp_path))
+    good_new = LoRARequest("fresh-name", 98, str(TINY / "adapters" / "qv-r4"))
     with pytest.raises(AdapterError, match="PREFIX_TUNING"):
-        tiny_llm.generate([{"prompt_token_ids": [1, 2]}] * 2, GREEDY, [lora_request("qv-r4"), bad])
-    assert tiny_llm.list_loras() == registered
+        tiny_llm.generate([{"prompt_token_ids": [1, 2]}] * 2, GREEDY, [good_new, bad])
+    assert tiny_llm.list_loras() == registered  # all or nothing: fresh-name was not registered either
     assert tiny_llm.pool.num_free == tiny_llm.pool.num_pages
     entry = golden["tiny-llama"]["qv-r4"]
     out = tiny_llm.generate({"prompt_token_ids": entry["prompts"][1]}, GREEDY, lora_request("qv-r4"))
