@@ -159,3 +159,16 @@ def test_bad_llm_arguments(kwargs, match):
 def test_unknown_model():
     with pytest.raises(FileNotFoundError, match="not a known alias"):
         LLM("no-such-model")
+
+
+def test_removed_adapter_frees_its_slot_without_clobbering_others(golden):
+    """Regression: a slot freed by remove_lora must not be confused with an occupied one."""
+    llm = LLM(str(TINY), max_model_len=64, max_loras=3, max_lora_rank=16)
+    prompt = {"prompt_token_ids": golden["tiny-llama"]["base"]["prompts"][2]}
+    for name in ADAPTERS:  # fill all three slots
+        llm.generate(prompt, GREEDY, lora_request(name))
+    llm.remove_lora("qv-r4")
+    llm.generate(prompt, GREEDY, LoRARequest("again", 7, str(TINY / "adapters" / "qv-r4")))
+    for name in ADAPTERS[1:]:
+        out = llm.generate(prompt, GREEDY, lora_request(name))
+        assert out[0].outputs[0].token_ids == golden["tiny-llama"][name]["greedy"][2], name

@@ -27,6 +27,7 @@ class LoRASlots:
         self.cfg, self.num_slots, self.max_rank, self.dtype = cfg, num_slots, max_rank, dtype
         self.arrays = None            # allocated on first use: base-only serving pays nothing
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # adapter name -> slot, LRU first
+        self._free_slots = list(range(num_slots - 1, -1, -1))
         self.loads = 0
 
     def _allocate(self):
@@ -38,7 +39,7 @@ class LoRASlots:
         return self._slot_of.get(name)
 
     def can_acquire(self, name: str, pinned: set[str]) -> bool:
-        return name in self._slot_of or len(self._slot_of) < self.num_slots or any(
+        return name in self._slot_of or bool(self._free_slots) or any(
             n not in pinned for n in self._slot_of)
 
     def acquire(self, name: str, adapter: PeftAdapter, pinned: set[str]) -> int:
@@ -48,8 +49,8 @@ class LoRASlots:
             return self._slot_of[name]
         if self.arrays is None:
             self._allocate()
-        if len(self._slot_of) < self.num_slots:
-            slot = len(self._slot_of)
+        if self._free_slots:
+            slot = self._free_slots.pop()
         else:
             victim = next((n for n in self._slot_of if n not in pinned), None)
             if victim is None:
@@ -62,7 +63,8 @@ class LoRASlots:
 
     def forget(self, name: str) -> None:
         """Drop an adapter's slot (its rows are overwritten by the next load)."""
-        self._slot_of.pop(name, None)
+        if name in self._slot_of:
+            self._free_slots.append(self._slot_of.pop(name))
 
     def _host_rows(self, adapter: PeftAdapter) -> dict:
         rows = {}
