@@ -86,3 +86,19 @@ def test_chat_template_matches_hf(tiny_llm, golden):
     assert tok.encode_chat(chat["messages"]) == chat["ids"]
     out = tiny_llm.chat(chat["messages"], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
     assert out.prompt_token_ids == chat["ids"] and out.prompt == chat["text"]
+
+
+def test_bfloat16_close_to_hf_float32(golden):
+    """dtype="bfloat16" (the GPU default) on the same weights: bf16 keeps 8 mantissa bits, so
+    logits of magnitude ~10 move by ~0.05-0.2; the leading greedy tokens (top-1 margins >= 0.04
+    but mostly far larger) still agree, and the chosen token's logprob stays within 0.3."""
+    llm = LLM(str(FIXTURES / "tiny-llama"), dtype="bfloat16", max_model_len=64)
+    assert llm.runner.kv_cache.dtype == np.dtype("bfloat16")
+    for adapter in ("base", "all-r8-rslora"):
+        entry = golden["tiny-llama"][adapter]
+        outs = llm.generate(prompts_of(entry), GREEDY, None if adapter == "base" else lora_request(adapter))
+        for out, ids, top5 in zip(outs, entry["greedy"], entry["top5"]):
+            c = out.outputs[0]
+            assert c.token_ids[:4] == ids[:4]
+            np.testing.assert_allclose([c.logprobs[i][ids[i]] for i in range(4)],
+                                       [top5[i][0][1] for i in range(4)], atol=0.3)
