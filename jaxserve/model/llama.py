@@ -9,10 +9,12 @@ params (a pytree; layer weights stacked on a leading axis so the layers run unde
   embed [V, H], final_norm [H], lm_head [H, V] (absent when tied to embed),
   layers: attn_norm, mlp_norm [L, H]; q [L, H, Hq*D], k, v [L, H, Hkv*D], o [L, Hq*D, H];
           q_bias, k_bias, v_bias (Qwen2 only); gate, up [L, H, I], down [L, I, H]
-kv cache: [L, 2, num_pages, page_size, Hkv*D]  (index 0 keys, 1 values); page p is the same page
-  in every layer, so one page id holds a sequence's slice of KV for all layers.
-lora (optional): {module: {"a": [L, slots, R, in], "b": [L, slots, R, out]}} for modules in
-  config.LORA_MODULES; a batch's per-token slot ids pick the adapter (-1: none).
+pool: the unified page pool [L, 2, num_pages, page_size, Hkv*D]. A KV page holds keys in half 0
+  and values in half 1; page p is the same page in every layer, so one page id holds a sequence's
+  slice of KV for all layers. Adapter pages hold LoRA rank-rows (jaxserve/lora/layout.py).
+lora (optional): {module: {"a_rows": [n, R, ca], "b_rows": [n, R, cb], "rank": [n]}} for the n
+  adapters active in the batch (modules of config.LORA_MODULES); batch.lora_ids picks one per
+  token (-1: none).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ class Batch(NamedTuple):
     token_seq: jax.Array       # [T] row of page_tables each token belongs to
     slot_mapping: jax.Array    # [T] flat cache slot (page * page_size + offset) to write; -1: padding
     page_tables: jax.Array     # [S, max_pages]
-    lora_slots: jax.Array      # [T] adapter slot per token, -1: no adapter
+    lora_ids: jax.Array        # [T] index of the token's adapter among the active ones, -1: none
     logits_indices: jax.Array  # [N] tokens whose next-token logits are wanted
 
 
@@ -73,19 +75,20 @@ def rms_norm(x, weight, eps):
     return weight * x32.astype(x.dtype)
 
 
-def _project(x, w, lora, name, lora_slots, lora_delta):
+def _project(x, w, name, pool, layer, lora, lora_ids, lora_delta):
     y = jnp.dot(x, w, preferred_element_type=jnp.float32)
-    if lora is not None and name in lora:
-        y = y + lora_delta(x, lora[name]["a"], lora[name]["b"], lora_slots)
+    if lora is not None:
+        t = lora[name]
+        y = y + lora_delta(x, pool, layer, t["a_rows"], t["b_rows"], t["rank"], lora_ids, w.shape[-1])
     return y.astype(x.dtype)
 
 
-def forward(params, kv_cache, batch: Batch, cfg: ModelConfig, lora=None, kernels: str = "reference"):
-    """Returns (logits [N, V] float32, updated kv_cache). Jit with cfg/kernels static, cache donated."""
+def forward(params, pool, batch: Batch, cfg: ModelConfig, lora=None, kernels: str = "reference"):
+    """Returns (logits [N, V] float32, updated pool). Jit with cfg/kernels static, pool donated."""
     op = ops.get_ops(kernels)
     num_tokens = batch.token_ids.shape[0]
-    page_size = kv_cache.shape[3]
-    num_slots = kv_cache.shape[2] * page_size
+    page_size = pool.shape[3]
+    num_slots = pool.shape[2] * page_size
     # Padding tokens (slot -1) write out of bounds, which mode="drop" discards.
     write_slot = jnp.where(batch.slot_mapping >= 0, batch.slot_mapping, num_slots)
     write_page, write_offset = write_slot // page_size, write_slot % page_size
@@ -93,11 +96,11 @@ def forward(params, kv_cache, batch: Batch, cfg: ModelConfig, lora=None, kernels
     scale = 1.0 / math.sqrt(cfg.head_dim)
 
     def layer(carry, inputs):
-        h, cache = carry
-        index, w, layer_lora = inputs
+        h, pool = carry
+        index, w = inputs
 
         def proj(x, name):  # weights are keyed "q", LoRA modules "q_proj" (PEFT's names)
-            return _project(x, w[name], layer_lora, name + "_proj", batch.lora_slots, op["lora_delta"])
+            return _project(x, w[name], name + "_proj", pool, index, lora, batch.lora_ids, op["lora_delta"])
 
         x = rms_norm(h, w["attn_norm"], cfg.rms_norm_eps)
         q, k, v = proj(x, "q"), proj(x, "k"), proj(x, "v")
@@ -105,25 +108,23 @@ def forward(params, kv_cache, batch: Batch, cfg: ModelConfig, lora=None, kernels
             q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
         q = apply_rope(q.reshape(num_tokens, cfg.num_heads, cfg.head_dim), batch.positions, inv_freq)
         k = apply_rope(k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim), batch.positions, inv_freq)
-        cache = cache.at[index, 0, write_page, write_offset].set(
-            k.reshape(num_tokens, cfg.kv_size).astype(cache.dtype), mode="drop")
-        cache = cache.at[index, 1, write_page, write_offset].set(v.astype(cache.dtype), mode="drop")
-        attn = op["paged_attention"](q, cache[index, 0], cache[index, 1], batch.page_tables,
+        pool = pool.at[index, 0, write_page, write_offset].set(
+            k.reshape(num_tokens, cfg.kv_size).astype(pool.dtype), mode="drop")
+        pool = pool.at[index, 1, write_page, write_offset].set(v.astype(pool.dtype), mode="drop")
+        attn = op["paged_attention"](q, pool[index, 0], pool[index, 1], batch.page_tables,
                                      batch.token_seq, batch.positions, scale)
         h = h + proj(attn.reshape(num_tokens, cfg.q_size), "o")
         x = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
         gated = jax.nn.silu(proj(x, "gate").astype(jnp.float32)) * proj(x, "up").astype(jnp.float32)
         h = h + proj(gated.astype(x.dtype), "down")
-        return (h, cache), None
+        return (h, pool), None
 
     h = params["embed"][batch.token_ids]
     layer_ids = jnp.arange(cfg.num_layers)
-    (h, kv_cache), _ = jax.lax.scan(layer, (h, kv_cache), (layer_ids, params["layers"], lora))
+    (h, pool), _ = jax.lax.scan(layer, (h, pool), (layer_ids, params["layers"]))
     h = rms_norm(h[batch.logits_indices], params["final_norm"], cfg.rms_norm_eps)
     lm_head = params["lm_head"] if "lm_head" in params else params["embed"].T
     logits = jnp.dot(h, lm_head, preferred_element_type=jnp.float32)
-    return logits, kv_cache
+    return logits, pool
 
 
-def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> jax.Array:
-    return jnp.zeros((cfg.num_layers, 2, num_pages, page_size, cfg.kv_size), dtype)

@@ -38,17 +38,33 @@ def paged_attention(q, k_pages, v_pages, page_tables, token_seq, positions, scal
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
 
-def lora_delta(x, lora_a, lora_b, token_slots):
-    """Heterogeneous multi-LoRA: y[t] = (x[t] A_s^T) B_s for s = token_slots[t], 0 where s < 0.
+def gather_rank_rows(pool, layer, rows, width):
+    """Adapter rank-rows from the unified pool: rows [n, R, chunks] flat row ids of one layer
+    (r = (half * num_pages + page) * page_size + offset) -> [n, R, width] (chunks joined)."""
+    _, _, num_pages, page_size, row_width = pool.shape
+    half_page, offset = rows // page_size, rows % page_size
+    gathered = pool[layer, half_page // num_pages, half_page % num_pages, offset]   # [n, R, c, W]
+    return gathered.reshape(*rows.shape[:2], rows.shape[2] * row_width)[..., :width]
 
-    x:           [T, in_features]
-    lora_a:      [num_slots, max_rank, in_features]   rank-rows of A (rows past an adapter's rank are 0)
-    lora_b:      [num_slots, max_rank, out_features]  rank-rows of B^T with the scaling folded in
-    token_slots: [T] int32, adapter slot of each token, -1 for none
-    returns      [T, out_features] float32
+
+def lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features):
+    """Heterogeneous multi-LoRA read straight from the unified pool:
+    y[t] = (x[t] A_s^T) B_s for s = token_adapter[t], 0 where s < 0.
+
+    x:             [T, in_features]
+    pool:          [L, 2, num_pages, page_size, row_width], KV and adapter pages alike
+    layer:         int32 scalar, the layer being computed
+    a_rows:        [n, R, chunks(in)] flat pool rows of each active adapter's A rank-rows
+    b_rows:        [n, R, chunks(out)] likewise for B^T (scaling folded in)
+    ranks:         [n] int32; rank-rows at or past an adapter's rank are ignored (R = max rank)
+    token_adapter: [T] int32, index into the n active adapters, -1 for none
+    returns        [T, out_features] float32
     """
-    has_adapter = token_slots >= 0
-    slots = jnp.where(has_adapter, token_slots, 0)
-    shrunk = jnp.einsum("ti,tri->tr", x, lora_a[slots], preferred_element_type=jnp.float32)
+    live = jnp.arange(a_rows.shape[1])[None, :] < ranks[:, None]                     # [n, R]
+    a = jnp.where(live[..., None], gather_rank_rows(pool, layer, a_rows, x.shape[-1]), 0)
+    b = jnp.where(live[..., None], gather_rank_rows(pool, layer, b_rows, out_features), 0)
+    has_adapter = token_adapter >= 0
+    which = jnp.where(has_adapter, token_adapter, 0)
+    shrunk = jnp.einsum("ti,tri->tr", x, a[which].astype(x.dtype), preferred_element_type=jnp.float32)
     shrunk = jnp.where(has_adapter[:, None], shrunk, 0.0)
-    return jnp.einsum("tr,tro->to", shrunk, lora_b[slots].astype(jnp.float32))
+    return jnp.einsum("tr,tro->to", shrunk, b[which].astype(jnp.float32))

@@ -1,0 +1,173 @@
+"""AdapterStore: every registered adapter in host memory, the ones in use copied into pool pages.
+
+- register: validate (peft.py), pack into the pool's row layout (layout.py) once, keep on host;
+- acquire: a request that is admitted pins its adapter (refcount), loading it into free pages
+  first if it is not resident; release unpins it;
+- unpinned adapters stay resident (cached) and leave least-recently-used first, only when pages
+  are needed (make_room);
+- prefetch: load an adapter that requests will soon need into pages that are free anyway.
+Loads are dispatched asynchronously, so a load issued before a step overlaps the step before it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import OrderedDict
+
+import numpy as np
+
+from jaxserve.config import LORA_MODULES, ModelConfig
+from jaxserve.lora.layout import AdapterLayout, pack_rows, plan_layout, row_tables
+from jaxserve.lora.peft import PeftAdapter
+from jaxserve.lora.request import LoRARequest
+from jaxserve.memory.device_pool import DevicePool
+from jaxserve.memory.pool import ADAPTER, PagePool, PoolFull
+
+
+@dataclasses.dataclass
+class StoredAdapter:
+    request: LoRARequest
+    layout: AdapterLayout
+    rows: np.ndarray                  # host copy, [L, 2, num_pages, page_size, row_width]
+    pages: list[int] | None = None    # where it sits in the pool, None when not resident
+    tables: dict | None = None        # pool-row ids for the LoRA op while resident
+    refcount: int = 0
+
+
+class AdapterStore:
+    def __init__(self, cfg: ModelConfig, pool: PagePool, device: DevicePool, max_lora_rank: int, dtype):
+        self.cfg, self.pool, self.device = cfg, pool, device
+        self.max_lora_rank, self.dtype = max_lora_rank, dtype
+        self._adapters: dict[str, StoredAdapter] = {}
+        self._unpinned: OrderedDict[str, None] = OrderedDict()  # resident, refcount 0; LRU first
+        self.loads = self.evictions = self.bytes_loaded = 0
+        self.load_seconds = 0.0
+
+    # ---- registry -------------------------------------------------------------------------
+    def register(self, request: LoRARequest, adapter: PeftAdapter) -> None:
+        layout = plan_layout(adapter, self.cfg, self.pool.page_size)
+        if layout.num_pages > self.pool.num_pages:
+            raise PoolFull(f"LoRA {request.lora_name!r} needs {layout.num_pages} pages; the whole pool has "
+                           f"{self.pool.num_pages}")
+        rows = pack_rows(adapter, layout, self.cfg, self.pool.page_size, self.dtype)
+        self._adapters[request.lora_name] = StoredAdapter(request, layout, rows)
+
+    def unregister(self, name: str) -> None:
+        stored = self._get(name)
+        if stored.refcount:
+            raise RuntimeError(f"LoRA {name!r} is in use by {stored.refcount} running request(s); "
+                               f"remove it once they finish (or abort them)")
+        if stored.pages is not None:
+            self._evict(name, count=False)
+        del self._adapters[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._adapters
+
+    def names(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def request_of(self, name: str) -> LoRARequest:
+        return self._get(name).request
+
+    def _get(self, name: str) -> StoredAdapter:
+        if name not in self._adapters:
+            raise KeyError(f"LoRA {name!r} is not registered; registered: {self.names()[:20]}")
+        return self._adapters[name]
+
+    # ---- residency ------------------------------------------------------------------------
+    def is_resident(self, name: str) -> bool:
+        return self._get(name).pages is not None
+
+    def pages_of(self, name: str) -> int:
+        return self._get(name).layout.num_pages
+
+    def pages_to_load(self, name: str) -> int:
+        stored = self._get(name)
+        return 0 if stored.pages is not None else stored.layout.num_pages
+
+    def reclaimable_pages(self, keep: str | None = None) -> int:
+        """Pages that evicting every unpinned adapter but `keep` would free."""
+        return sum(len(self._adapters[n].pages) for n in self._unpinned if n != keep)
+
+    def make_room(self, num_pages: int, keep: str | None = None) -> None:
+        """Evict unpinned adapters but `keep` (about to be used), least recently used first, until
+        num_pages are free."""
+        for name in list(self._unpinned):
+            if self.pool.num_free >= num_pages:
+                break
+            if name != keep:
+                self._evict(name)
+        if self.pool.num_free < num_pages:
+            raise PoolFull(f"{num_pages} pages needed; {self.pool.num_free} free and the rest hold KV "
+                           f"caches or adapters in use")
+
+    def acquire(self, name: str) -> None:
+        """Pin the adapter for a running request, loading it first if needed (evicting as needed)."""
+        stored = self._get(name)
+        if stored.pages is None:
+            self.make_room(stored.layout.num_pages)
+            self._load(name)
+        self._unpinned.pop(name, None)
+        stored.refcount += 1
+
+    def release(self, name: str) -> None:
+        stored = self._get(name)
+        if stored.refcount <= 0:
+            raise RuntimeError(f"LoRA {name!r} released more often than acquired")
+        stored.refcount -= 1
+        if stored.refcount == 0:
+            self._unpinned[name] = None  # most recently used
+
+    def prefetch(self, name: str) -> bool:
+        """Load into pages that are free anyway (never evicts); True if now resident."""
+        stored = self._get(name)
+        if stored.pages is None and stored.layout.num_pages <= self.pool.num_free:
+            self._load(name)
+            self._unpinned[name] = None
+        return stored.pages is not None
+
+    def _load(self, name: str) -> None:
+        stored = self._adapters[name]
+        start = time.perf_counter()
+        stored.pages = self.pool.allocate(stored.layout.num_pages, ADAPTER, name)
+        self.device.write_pages(stored.pages, stored.rows)
+        stored.tables = row_tables(stored.layout, stored.pages, self.pool.num_pages, self.cfg,
+                                   self.pool.page_size, self.max_lora_rank)
+        self.load_seconds += time.perf_counter() - start
+        self.loads += 1
+        self.bytes_loaded += stored.rows.nbytes
+
+    def _evict(self, name: str, count: bool = True) -> None:
+        stored = self._adapters[name]
+        self.pool.free(stored.pages, ADAPTER, name)
+        stored.pages = stored.tables = None
+        self._unpinned.pop(name, None)
+        self.evictions += count
+
+    # ---- for the forward ------------------------------------------------------------------
+    def batch_tables(self, names: list[str], bucket: int) -> dict:
+        """Stacked pool-row tables of the active adapters, padded to `bucket` with rank-0 rows."""
+        tables = [self._adapters[n].tables for n in names]
+        out = {}
+        for module in LORA_MODULES:
+            a = np.zeros((bucket, *tables[0][module]["a_rows"].shape), np.int32)
+            b = np.zeros((bucket, *tables[0][module]["b_rows"].shape), np.int32)
+            rank = np.zeros(bucket, np.int32)
+            for i, t in enumerate(tables):
+                a[i], b[i], rank[i] = t[module]["a_rows"], t[module]["b_rows"], t[module]["rank"]
+            out[module] = {"a_rows": a, "b_rows": b, "rank": rank}
+        return out
+
+    def host_bytes(self) -> int:
+        return sum(s.rows.nbytes for s in self._adapters.values())
+
+    def metrics(self) -> dict:
+        return {
+            "adapters_registered": len(self._adapters),
+            "adapters_resident": sum(s.pages is not None for s in self._adapters.values()),
+            "adapters_pinned": sum(s.refcount > 0 for s in self._adapters.values()),
+            "adapter_loads": self.loads, "adapter_evictions": self.evictions,
+            "adapter_bytes_loaded": self.bytes_loaded, "adapter_load_seconds": self.load_seconds,
+            "adapter_host_bytes": self.host_bytes(),
+        }

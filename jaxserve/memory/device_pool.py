@@ -1,0 +1,44 @@
+"""The unified pool on the device: one array [L, 2, num_pages, page_size, row_width] that holds
+KV pages and adapter pages alike. Every update donates the array, so it happens in place."""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _write_pages(pool, pages, rows):
+    # rows [L, 2, n, page_size, row_width]; page ids past the pool (padding) are dropped.
+    return pool.at[:, :, pages].set(rows.astype(pool.dtype), mode="drop")
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class DevicePool:
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, row_width: int, dtype):
+        self.array = jnp.zeros((num_layers, 2, num_pages, page_size, row_width), dtype)
+
+    @property
+    def num_pages(self) -> int:
+        return self.array.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.array.nbytes
+
+    def write_pages(self, pages: list[int], rows: np.ndarray) -> None:
+        """Copy whole pages in (dispatched asynchronously). rows: [L, 2, len(pages), ps, W].
+        The page count is padded to a power of two so few shapes compile."""
+        n = _bucket(len(pages))
+        ids = np.full(n, self.num_pages, np.int32)  # out of range: dropped
+        ids[:len(pages)] = pages
+        if n != len(pages):
+            pad = [(0, 0)] * rows.ndim
+            pad[2] = (0, n - len(pages))
+            rows = np.pad(rows, pad)
+        self.array = _write_pages(self.array, ids, rows)
