@@ -39,6 +39,10 @@ class SampledToken:
     top: dict[int, float] | None
 
 
+# One jitted forward for the process: LLMs of the same model config share compiled variants.
+_jitted_forward = jax.jit(llama.forward, static_argnames=("cfg", "kernels"), donate_argnums=(1,))
+
+
 def _bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
@@ -49,7 +53,7 @@ class ModelRunner:
         self.cfg, self.page_size, self.adapters = cfg, page_size, adapters
         self.params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
         self.device_pool = device_pool
-        self._forward = jax.jit(partial(llama.forward, cfg=cfg, kernels=kernels), donate_argnums=(1,))
+        self._forward = partial(_jitted_forward, cfg=cfg, kernels=kernels)
         self.device_time = 0.0
 
     def build_batch(self, chunks: list[Chunk], adapter_index: dict[str, int]) -> llama.Batch:
