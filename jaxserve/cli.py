@@ -87,6 +87,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+BENCHMARKS = ("adapters",)
+
+
+def cmd_bench(args) -> int:
+    """Run benchmarks/<name>.py (from the source checkout) with the remaining arguments."""
+    import runpy
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.name}.py"
+    if not script.exists():
+        raise SystemExit(f"{script} not found: `jaxserve bench` runs from a source checkout")
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="jaxserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +120,10 @@ def main(argv=None) -> int:
     _add_model_args(demo)
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.set_defaults(func=cmd_demo)
+    bench = sub.add_parser("bench", help=f"run a benchmark: {', '.join(BENCHMARKS)} (args after it pass through)")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -140,7 +140,7 @@ class LLM:
             known = (self.adapters.request_of(req.lora_name) if req.lora_name in self.adapters
                      else loaded.get(req.lora_name, (None,))[0])
             if known is not None:
-                if Path(known.lora_path).resolve() != Path(req.lora_path).resolve():
+                if known.lora_path != req.lora_path and Path(known.lora_path).resolve() != Path(req.lora_path).resolve():
                     raise ValueError(f"LoRA name {req.lora_name!r} is already registered with path "
                                      f"{known.lora_path!r}, not {req.lora_path!r}")
                 continue

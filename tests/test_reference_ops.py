@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxserve.config import LORA_MODULES, ModelConfig
-from jaxserve.lora.layout import pack_rows, plan_layout, row_tables
+from jaxserve.lora.layout import local_rows, pack_rows, plan_layout, pool_rows, split_tables, table_layout
 from jaxserve.lora.peft import LoRAWeights, PeftAdapter
 from jaxserve.pallas import reference
 
@@ -77,19 +77,23 @@ def test_lora_delta_from_pool_pages_mixed_ranks(page_size):
     num_pages = sum(l.num_pages for l in layouts) * 2 + 3
     free = list(rng.permutation(num_pages))
     pool = rng.standard_normal((2, 2, num_pages, page_size, cfg.kv_size)).astype(np.float32)  # "KV" noise
-    tables = []
+    table_spec = table_layout(cfg, max_rank=64)
+    flat, ranks = [], []
     for adapter, layout in zip(adapters, layouts):
         pages = [int(free.pop()) for _ in range(layout.num_pages)]
         pool[:, :, pages] = pack_rows(adapter, layout, cfg, page_size, np.float32)
-        tables.append(row_tables(layout, pages, num_pages, cfg, page_size, max_rank=64))
+        local, module_ranks = local_rows(layout, table_spec, cfg)
+        flat.append(pool_rows(local, pages, num_pages, page_size))
+        ranks.append(module_ranks)
+    tables = split_tables(np.stack(flat), np.stack(ranks), table_spec)
     token_adapter = np.array([0, 3, -1, 2, 1, 1, -1, 0, 2, 3], np.int32)
     for module in LORA_MODULES:
         fan_in, fan_out = cfg.module_shape(module)
         x = rng.standard_normal((len(token_adapter), fan_in)).astype(np.float32)
-        stack = lambda key: np.stack([t[module][key] for t in tables])
+        table = tables[module]
         for layer in range(2):
-            got = np.asarray(reference.lora_delta(x, pool, np.int32(layer), stack("a_rows"), stack("b_rows"),
-                                                  stack("rank"), token_adapter, fan_out))
+            got = np.asarray(reference.lora_delta(x, pool, np.int32(layer), table["a_rows"], table["b_rows"],
+                                                  table["rank"], token_adapter, fan_out))
             for t, s in enumerate(token_adapter):
                 w = adapters[s].weights.get((layer, module)) if s >= 0 else None
                 want = np.zeros(fan_out) if w is None else (x[t].astype(np.float64) @ w.a.T.astype(np.float64)) @ w.b

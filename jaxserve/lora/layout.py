@@ -65,28 +65,55 @@ def pack_rows(adapter: PeftAdapter, layout: AdapterLayout, cfg: ModelConfig, pag
     return np.ascontiguousarray(rows.transpose(0, 2, 1, 3, 4))
 
 
-def row_tables(layout: AdapterLayout, pages: list[int], num_pool_pages: int, cfg: ModelConfig,
-               page_size: int, max_rank: int) -> dict[str, dict[str, np.ndarray]]:
-    """For each module, the flat pool-row ids of A and B rank-rows once the adapter sits in
-    `pages`: a_rows [max_rank, chunks(in)], b_rows [max_rank, chunks(out)], and its rank.
-    A flat row id r addresses pool[layer].reshape(-1, row_width)[r], that is
-    r = (half * num_pool_pages + page) * page_size + offset (see pallas/reference.lora_delta)."""
-    row_width = cfg.kv_size
-    pages = np.asarray(pages, np.int64)
+@dataclasses.dataclass(frozen=True)
+class TableLayout:
+    """How one adapter's pool-row ids are laid out in a flat vector, the same for every adapter of
+    a model (R = max_lora_rank): per module, A ids [R, chunks(in)] then B ids [R, chunks(out)]."""
+    max_rank: int
+    slices: dict[str, tuple[slice, tuple[int, int], slice, tuple[int, int]]]
+    size: int
 
-    def flat(adapter_rows: np.ndarray) -> np.ndarray:
-        page = pages[adapter_rows // (2 * page_size)]
-        half = (adapter_rows % (2 * page_size)) // page_size
-        return ((half * num_pool_pages + page) * page_size + adapter_rows % page_size).astype(np.int32)
 
-    tables = {}
+def table_layout(cfg: ModelConfig, max_rank: int) -> TableLayout:
+    slices, at = {}, 0
     for module in LORA_MODULES:
+        ca, cb = (chunks(w, cfg.kv_size) for w in cfg.module_shape(module))
+        a = slice(at, at + max_rank * ca)
+        b = slice(a.stop, a.stop + max_rank * cb)
+        slices[module], at = (a, (max_rank, ca), b, (max_rank, cb)), b.stop
+    return TableLayout(max_rank, slices, at)
+
+
+def local_rows(layout: AdapterLayout, tables: TableLayout, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(adapter-relative row id of every table entry [tables.size], rank of each module [7]).
+    Entries past a module's rank point at row 0; the LoRA op masks them by rank."""
+    rows = np.zeros(tables.size, np.int64)
+    ranks = np.zeros(len(LORA_MODULES), np.int32)
+    r = np.arange(tables.max_rank)[:, None]
+    for i, module in enumerate(LORA_MODULES):
         spec = layout.modules[module]
-        fan_in, fan_out = cfg.module_shape(module)
-        ca, cb = chunks(fan_in, row_width), chunks(fan_out, row_width)
-        live = np.arange(max_rank)[:, None] < spec.rank
-        # Rows past the rank point at the adapter's first row; the kernel masks them by rank.
-        a = np.where(live, spec.a_offset + np.arange(max_rank)[:, None] * ca + np.arange(ca), 0)
-        b = np.where(live, spec.b_offset + np.arange(max_rank)[:, None] * cb + np.arange(cb), 0)
-        tables[module] = {"a_rows": flat(a), "b_rows": flat(b), "rank": np.int32(spec.rank)}
-    return tables
+        a, (_, ca), b, (_, cb) = tables.slices[module]
+        live = r < spec.rank
+        rows[a] = np.where(live, spec.a_offset + r * ca + np.arange(ca), 0).ravel()
+        rows[b] = np.where(live, spec.b_offset + r * cb + np.arange(cb), 0).ravel()
+        ranks[i] = spec.rank
+    return rows, ranks
+
+
+def pool_rows(local: np.ndarray, pages: list[int], num_pool_pages: int, page_size: int) -> np.ndarray:
+    """Adapter-relative rows -> flat pool-row ids of one layer once the adapter sits in `pages`:
+    r = (half * num_pool_pages + page) * page_size + offset, which addresses
+    pool[layer].reshape(-1, row_width)[r] (see pallas/reference.lora_delta)."""
+    page = np.asarray(pages, np.int64)[local // (2 * page_size)]
+    half = (local % (2 * page_size)) // page_size
+    return ((half * num_pool_pages + page) * page_size + local % page_size).astype(np.int32)
+
+
+def split_tables(flat: np.ndarray, ranks: np.ndarray, tables: TableLayout) -> dict:
+    """Stacked [n, size] pool-row ids and [n, 7] ranks -> the LoRA op's per-module tables
+    {module: {"a_rows": [n, R, ca], "b_rows": [n, R, cb], "rank": [n]}} (views, no copies), for
+    the modules some adapter adapts: the others would only add zeros."""
+    n = flat.shape[0]
+    return {module: {"a_rows": flat[:, a].reshape(n, *a_shape), "b_rows": flat[:, b].reshape(n, *b_shape),
+                     "rank": ranks[:, i]}
+            for i, (module, (a, a_shape, b, b_shape)) in enumerate(tables.slices.items()) if ranks[:, i].any()}

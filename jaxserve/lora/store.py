@@ -17,7 +17,8 @@ from collections import OrderedDict
 import numpy as np
 
 from jaxserve.config import LORA_MODULES, ModelConfig
-from jaxserve.lora.layout import AdapterLayout, pack_rows, plan_layout, row_tables
+from jaxserve.lora.layout import (AdapterLayout, local_rows, pack_rows, plan_layout, pool_rows,
+                                  split_tables, table_layout)
 from jaxserve.lora.peft import PeftAdapter
 from jaxserve.lora.request import LoRARequest
 from jaxserve.memory.device_pool import DevicePool
@@ -29,8 +30,10 @@ class StoredAdapter:
     request: LoRARequest
     layout: AdapterLayout
     rows: np.ndarray                  # host copy, [L, 2, num_pages, page_size, row_width]
+    local_rows: np.ndarray            # adapter-relative row of each LoRA table entry
+    ranks: np.ndarray                 # [7] rank of each LoRA module (0: not adapted)
     pages: list[int] | None = None    # where it sits in the pool, None when not resident
-    tables: dict | None = None        # pool-row ids for the LoRA op while resident
+    table: np.ndarray | None = None   # pool-row ids of each table entry while resident
     refcount: int = 0
 
 
@@ -38,6 +41,7 @@ class AdapterStore:
     def __init__(self, cfg: ModelConfig, pool: PagePool, device: DevicePool, max_lora_rank: int, dtype):
         self.cfg, self.pool, self.device = cfg, pool, device
         self.max_lora_rank, self.dtype = max_lora_rank, dtype
+        self.tables = table_layout(cfg, max_lora_rank)
         self._adapters: dict[str, StoredAdapter] = {}
         self._unpinned: OrderedDict[str, None] = OrderedDict()  # resident, refcount 0; LRU first
         self.loads = self.evictions = self.bytes_loaded = 0
@@ -50,7 +54,8 @@ class AdapterStore:
             raise PoolFull(f"LoRA {request.lora_name!r} needs {layout.num_pages} pages; the whole pool has "
                            f"{self.pool.num_pages}")
         rows = pack_rows(adapter, layout, self.cfg, self.pool.page_size, self.dtype)
-        self._adapters[request.lora_name] = StoredAdapter(request, layout, rows)
+        local, ranks = local_rows(layout, self.tables, self.cfg)
+        self._adapters[request.lora_name] = StoredAdapter(request, layout, rows, local, ranks)
 
     def unregister(self, name: str) -> None:
         stored = self._get(name)
@@ -132,8 +137,7 @@ class AdapterStore:
         start = time.perf_counter()
         stored.pages = self.pool.allocate(stored.layout.num_pages, ADAPTER, name)
         self.device.write_pages(stored.pages, stored.rows)
-        stored.tables = row_tables(stored.layout, stored.pages, self.pool.num_pages, self.cfg,
-                                   self.pool.page_size, self.max_lora_rank)
+        stored.table = pool_rows(stored.local_rows, stored.pages, self.pool.num_pages, self.pool.page_size)
         self.load_seconds += time.perf_counter() - start
         self.loads += 1
         self.bytes_loaded += stored.rows.nbytes
@@ -141,23 +145,18 @@ class AdapterStore:
     def _evict(self, name: str, count: bool = True) -> None:
         stored = self._adapters[name]
         self.pool.free(stored.pages, ADAPTER, name)
-        stored.pages = stored.tables = None
+        stored.pages = stored.table = None
         self._unpinned.pop(name, None)
         self.evictions += count
 
     # ---- for the forward ------------------------------------------------------------------
     def batch_tables(self, names: list[str], bucket: int) -> dict:
-        """Stacked pool-row tables of the active adapters, padded to `bucket` with rank-0 rows."""
-        tables = [self._adapters[n].tables for n in names]
-        out = {}
-        for module in LORA_MODULES:
-            a = np.zeros((bucket, *tables[0][module]["a_rows"].shape), np.int32)
-            b = np.zeros((bucket, *tables[0][module]["b_rows"].shape), np.int32)
-            rank = np.zeros(bucket, np.int32)
-            for i, t in enumerate(tables):
-                a[i], b[i], rank[i] = t[module]["a_rows"], t[module]["b_rows"], t[module]["rank"]
-            out[module] = {"a_rows": a, "b_rows": b, "rank": rank}
-        return out
+        """The LoRA op's tables for the active adapters, padded to `bucket` with rank-0 rows."""
+        flat = np.zeros((bucket, self.tables.size), np.int32)
+        ranks = np.zeros((bucket, len(LORA_MODULES)), np.int32)
+        flat[:len(names)] = [self._adapters[n].table for n in names]
+        ranks[:len(names)] = [self._adapters[n].ranks for n in names]
+        return split_tables(flat, ranks, self.tables)
 
     def host_bytes(self) -> int:
         return sum(s.rows.nbytes for s in self._adapters.values())

@@ -13,8 +13,8 @@ pool: the unified page pool [L, 2, num_pages, page_size, Hkv*D]. A KV page holds
   and values in half 1; page p is the same page in every layer, so one page id holds a sequence's
   slice of KV for all layers. Adapter pages hold LoRA rank-rows (jaxserve/lora/layout.py).
 lora (optional): {module: {"a_rows": [n, R, ca], "b_rows": [n, R, cb], "rank": [n]}} for the n
-  adapters active in the batch (modules of config.LORA_MODULES); batch.lora_ids picks one per
-  token (-1: none).
+  adapters active in the batch, holding only the modules (of config.LORA_MODULES) some active
+  adapter adapts; batch.lora_ids picks one per token (-1: none).
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def rms_norm(x, weight, eps):
 
 def _project(x, w, name, pool, layer, lora, lora_ids, lora_delta):
     y = jnp.dot(x, w, preferred_element_type=jnp.float32)
-    if lora is not None:
+    if lora is not None and name in lora:
         t = lora[name]
         y = y + lora_delta(x, pool, layer, t["a_rows"], t["b_rows"], t["rank"], lora_ids, w.shape[-1])
     return y.astype(x.dtype)

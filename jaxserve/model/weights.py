@@ -56,6 +56,14 @@ def resolve_model(model: str | os.PathLike) -> Path:
         f"config.json, or a .gguf file (no hub downloads: pass a local path)")
 
 
+def read_config(path: Path) -> dict:
+    """The HF-style config dict of a resolved model path, without reading weights."""
+    if path.suffix == ".gguf":
+        from jaxserve.model.gguf_file import read_gguf
+        return read_gguf(path, load_tensors=False).config
+    return json.loads((path / "config.json").read_text())
+
+
 def read_hf_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     config = json.loads((folder / "config.json").read_text())
     index = folder / "model.safetensors.index.json"

@@ -39,12 +39,12 @@ def paged_attention(q, k_pages, v_pages, page_tables, token_seq, positions, scal
 
 
 def gather_rank_rows(pool, layer, rows, width):
-    """Adapter rank-rows from the unified pool: rows [n, R, chunks] flat row ids of one layer
-    (r = (half * num_pages + page) * page_size + offset) -> [n, R, width] (chunks joined)."""
-    _, _, num_pages, page_size, row_width = pool.shape
-    half_page, offset = rows // page_size, rows % page_size
-    gathered = pool[layer, half_page // num_pages, half_page % num_pages, offset]   # [n, R, c, W]
-    return gathered.reshape(*rows.shape[:2], rows.shape[2] * row_width)[..., :width]
+    """Adapter rank-rows from the unified pool: rows [..., R, chunks] flat row ids of one layer
+    (r = (half * num_pages + page) * page_size + offset) -> [..., R, width] (chunks joined)."""
+    num_layers, _, num_pages, page_size, row_width = pool.shape
+    flat_pool = pool.reshape(num_layers, 2 * num_pages * page_size, row_width)  # free: a bitcast
+    gathered = flat_pool[layer, rows]                                            # [..., R, c, W]
+    return gathered.reshape(*rows.shape[:-1], rows.shape[-1] * row_width)[..., :width]
 
 
 def lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features):
@@ -59,12 +59,15 @@ def lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_feature
     ranks:         [n] int32; rank-rows at or past an adapter's rank are ignored (R = max rank)
     token_adapter: [T] int32, index into the n active adapters, -1 for none
     returns        [T, out_features] float32
+
+    Each token gathers its own adapter's rows from the pool (as MBGMV does), so the cost does not
+    grow with the number of distinct adapters in the batch.
     """
-    live = jnp.arange(a_rows.shape[1])[None, :] < ranks[:, None]                     # [n, R]
-    a = jnp.where(live[..., None], gather_rank_rows(pool, layer, a_rows, x.shape[-1]), 0)
-    b = jnp.where(live[..., None], gather_rank_rows(pool, layer, b_rows, out_features), 0)
     has_adapter = token_adapter >= 0
     which = jnp.where(has_adapter, token_adapter, 0)
-    shrunk = jnp.einsum("ti,tri->tr", x, a[which].astype(x.dtype), preferred_element_type=jnp.float32)
-    shrunk = jnp.where(has_adapter[:, None], shrunk, 0.0)
-    return jnp.einsum("tr,tro->to", shrunk, b[which].astype(jnp.float32))
+    live = (jnp.arange(a_rows.shape[1])[None, :] < ranks[which][:, None]) & has_adapter[:, None]  # [T, R]
+    a = gather_rank_rows(pool, layer, a_rows[which], x.shape[-1])                                 # [T, R, in]
+    shrunk = jnp.einsum("ti,tri->tr", x, a.astype(x.dtype), preferred_element_type=jnp.float32)
+    shrunk = jnp.where(live, shrunk, 0.0)  # rows past the rank may hold any other page's data
+    b = gather_rank_rows(pool, layer, b_rows[which], out_features)                                # [T, R, out]
+    return jnp.einsum("tr,tro->to", shrunk, jnp.where(live[..., None], b, 0).astype(jnp.float32))
