@@ -51,15 +51,21 @@ class GenerationLoop:
             seq = waiting[0]
             if not self.can_admit(seq, active):
                 break
-            waiting.popleft()
             kv_pages = self.pool.pages_for(seq.num_tokens + seq.max_tokens)
             name = seq.lora_name
             self.adapters.make_room(kv_pages + (self.adapters.pages_to_load(name) if name else 0), keep=name)
             if name:
                 self.adapters.acquire(name)
-                active.add(name)
-            seq.page_table = self.pool.allocate(kv_pages, KV, seq.request_id)
+            try:
+                seq.page_table = self.pool.allocate(kv_pages, KV, seq.request_id)
+            except BaseException:  # undo the pin: a failed admission leaves nothing behind
+                if name:
+                    self.adapters.release(name)
+                raise
+            waiting.popleft()
             running.append(seq)
+            if name:
+                active.add(name)
         if not running:
             raise RuntimeError("no request fits the pool")  # LLM's validation prevents it
         for seq in list(waiting)[:self.PREFETCH_AHEAD]:

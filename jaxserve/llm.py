@@ -129,11 +129,12 @@ class LLM:
     def add_lora(self, lora_request: LoRARequest) -> None:
         """Register an adapter: validated, packed and kept in host memory; it takes pool pages
         only while requests need it (or until evicted)."""
-        self._register_loras([lora_request])
+        self._commit_loras(self._load_new_loras([lora_request]))
 
-    def _register_loras(self, requests) -> None:
-        """Load and validate every new adapter, then register them all — or none, if one fails."""
-        loaded: dict[str, tuple[LoRARequest, PeftAdapter]] = {}
+    def _load_new_loras(self, requests) -> dict[str, tuple[LoRARequest, PeftAdapter, int]]:
+        """Load and validate every adapter not yet registered (with the pages each would take);
+        registers nothing."""
+        loaded: dict[str, tuple[LoRARequest, PeftAdapter, int]] = {}
         for req in requests:
             if req is None:
                 continue
@@ -144,8 +145,12 @@ class LLM:
                     raise ValueError(f"LoRA name {req.lora_name!r} is already registered with path "
                                      f"{known.lora_path!r}, not {req.lora_path!r}")
                 continue
-            loaded[req.lora_name] = (req, load_peft_adapter(req.lora_path, self.model_config, self.max_lora_rank))
-        for req, adapter in loaded.values():
+            adapter = load_peft_adapter(req.lora_path, self.model_config, self.max_lora_rank)
+            loaded[req.lora_name] = (req, adapter, self.adapters.check(req, adapter).num_pages)
+        return loaded
+
+    def _commit_loras(self, loaded: dict[str, tuple[LoRARequest, PeftAdapter, int]]) -> None:
+        for req, adapter, _ in loaded.values():
             self.adapters.register(req, adapter)
 
     def remove_lora(self, lora_name: str) -> None:
@@ -170,10 +175,12 @@ class LLM:
         params = self._per_prompt(sampling_params, len(prompts), "sampling_params") or [None] * len(prompts)
         loras = self._per_prompt(lora_request, len(prompts), "lora_request") or [None] * len(prompts)
         params = [p if p is not None else SamplingParams() for p in params]
-        # Validate everything (and load every adapter) before any work starts: a bad request
-        # fails alone and changes nothing.
-        self._register_loras(loras)
-        seqs = [self._make_sequence(p, sp, lr) for p, sp, lr in zip(prompts, params, loras)]
+        # Validate everything (prompts, and every new adapter loaded but not yet registered)
+        # before any state changes: a bad request fails alone and changes nothing.
+        new_loras = self._load_new_loras(loras)
+        adapter_pages = {name: pages for name, (_, _, pages) in new_loras.items()}
+        seqs = [self._make_sequence(p, sp, lr, adapter_pages) for p, sp, lr in zip(prompts, params, loras)]
+        self._commit_loras(new_loras)
         loop = GenerationLoop(self.runner, self.pool, self.adapters, self.tokenizer, self.max_loras,
                               self.max_num_seqs, self.max_num_batched_tokens)
         loop.run(seqs)
@@ -204,7 +211,8 @@ class LLM:
             raise ValueError(f"{name} has {len(value)} entries for {n} prompts; allowed: one, or one per prompt")
         return list(value)
 
-    def _make_sequence(self, prompt: Any, params: SamplingParams, lora: LoRARequest | None) -> Sequence:
+    def _make_sequence(self, prompt: Any, params: SamplingParams, lora: LoRARequest | None,
+                       adapter_pages: dict[str, int]) -> Sequence:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params {params!r} is invalid; allowed: a SamplingParams")
         if isinstance(prompt, str):
@@ -226,7 +234,8 @@ class LLM:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                              f"max_model_len={self.max_model_len}")
         pages = self.pool.pages_for(len(ids) + max_tokens)
-        pages += self.adapters.pages_of(lora.lora_name) if lora is not None else 0
+        if lora is not None:
+            pages += adapter_pages.get(lora.lora_name) or self.adapters.pages_of(lora.lora_name)
         if pages > self.pool.num_pages:
             raise ValueError(f"prompt + max_tokens (and its adapter) need {pages} pages; the pool has "
                              f"{self.pool.num_pages}")

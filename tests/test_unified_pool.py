@@ -40,6 +40,15 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool = PagePool(num_pages=24, page_size=8)  # an all-module rank-8 adapter takes 9
         self.device = DevicePool(CFG.num_layers, 24, 8, CFG.kv_size, np.float32)
         self.store = AdapterStore(CFG, self.pool, self.device, max_lora_rank=16, dtype=np.float32)
+        write = self.device.write_pages
+
+        def checked_write(pages, rows):  # a load must not touch any page but its own
+            before = np.asarray(self.device.array).copy()
+            write(pages, rows)
+            after = np.asarray(self.device.array)
+            others = np.setdiff1d(np.arange(self.pool.num_pages), pages)
+            np.testing.assert_array_equal(after[:, :, others], before[:, :, others])
+        self.device.write_pages = checked_write
         self.live: dict[int, tuple[list[int], str | None]] = {}  # seq id -> (KV pages, adapter)
         self.counter = 0
 
@@ -218,3 +227,42 @@ def test_adapter_larger_than_the_pool_is_rejected_at_registration():
     with pytest.raises(PoolFull, match="'all-r8-rslora' needs 8 pages; the whole pool has 4"):
         llm.add_lora(lora_request("all-r8-rslora"))
     assert llm.list_loras() == []
+
+
+def test_failed_adapter_copy_leaves_it_cleanly_unloaded(golden, monkeypatch):
+    llm = LLM(str(TINY), max_model_len=64, max_lora_rank=16, num_pool_pages=40)
+    entry = golden["tiny-llama"]["qv-r4"]
+    original = llm.device_pool.write_pages
+
+    def broken(pages, rows):
+        raise RuntimeError("device copy failed")
+    monkeypatch.setattr(llm.device_pool, "write_pages", broken)
+    with pytest.raises(RuntimeError, match="device copy failed"):
+        llm.generate({"prompt_token_ids": entry["prompts"][1]}, GREEDY, lora_request("qv-r4"))
+    assert not llm.adapters.is_resident("qv-r4") and llm.pool.num_free == 40
+    monkeypatch.setattr(llm.device_pool, "write_pages", original)
+    out = llm.generate({"prompt_token_ids": entry["prompts"][1]}, GREEDY, lora_request("qv-r4"))
+    assert out[0].outputs[0].token_ids == entry["greedy"][1]
+    llm.remove_lora("qv-r4")  # not left pinned either
+    assert llm.pool.num_free == 40
+
+
+def test_one_bad_request_registers_no_adapter(golden):
+    llm = LLM(str(TINY), max_model_len=64, max_lora_rank=16, num_pool_pages=4)
+    with pytest.raises(PoolFull, match="'all-r8-rslora' needs 8 pages"):  # qv-r4 (1 page) would fit
+        llm.generate([{"prompt_token_ids": [1, 2]}] * 2, GREEDY, [lora_request("qv-r4"), lora_request("all-r8-rslora")])
+    assert llm.list_loras() == []
+    with pytest.raises(ValueError, match="non-empty"):  # a bad prompt beside a good new adapter
+        llm.generate([{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": []}], GREEDY, lora_request("qv-r4"))
+    assert llm.list_loras() == []
+
+
+def test_store_rejects_duplicates_and_ranks_over_its_limit():
+    pool = PagePool(24, 8)
+    store = AdapterStore(CFG, pool, DevicePool(2, 24, 8, CFG.kv_size, np.float32), 4, np.float32)
+    store.register(LoRARequest("x", 1, "/mem"), synthetic_adapter(4, ["q_proj"], 0))
+    with pytest.raises(ValueError, match="'x' is already registered"):
+        store.register(LoRARequest("x", 1, "/mem"), synthetic_adapter(2, ["q_proj"], 1))
+    with pytest.raises(ValueError, match="rank 8; allowed: at most max_lora_rank=4"):
+        store.register(LoRARequest("y", 2, "/mem"), synthetic_adapter(8, ["q_proj"], 2))
+    assert store.names() == ["x"]

@@ -48,11 +48,21 @@ class AdapterStore:
         self.load_seconds = 0.0
 
     # ---- registry -------------------------------------------------------------------------
-    def register(self, request: LoRARequest, adapter: PeftAdapter) -> None:
+    def check(self, request: LoRARequest, adapter: PeftAdapter) -> AdapterLayout:
+        """Raise unless the adapter can be registered; its layout if it can. Changes nothing."""
+        if request.lora_name in self._adapters:
+            raise ValueError(f"LoRA {request.lora_name!r} is already registered")
+        if adapter.max_rank > self.max_lora_rank:
+            raise ValueError(f"LoRA {request.lora_name!r} has rank {adapter.max_rank}; allowed: at most "
+                             f"max_lora_rank={self.max_lora_rank}")
         layout = plan_layout(adapter, self.cfg, self.pool.page_size)
         if layout.num_pages > self.pool.num_pages:
             raise PoolFull(f"LoRA {request.lora_name!r} needs {layout.num_pages} pages; the whole pool has "
                            f"{self.pool.num_pages}")
+        return layout
+
+    def register(self, request: LoRARequest, adapter: PeftAdapter) -> None:
+        layout = self.check(request, adapter)
         rows = pack_rows(adapter, layout, self.cfg, self.pool.page_size, self.dtype)
         local, ranks = local_rows(layout, self.tables, self.cfg)
         self._adapters[request.lora_name] = StoredAdapter(request, layout, rows, local, ranks)
@@ -135,9 +145,14 @@ class AdapterStore:
     def _load(self, name: str) -> None:
         stored = self._adapters[name]
         start = time.perf_counter()
-        stored.pages = self.pool.allocate(stored.layout.num_pages, ADAPTER, name)
-        self.device.write_pages(stored.pages, stored.rows)
-        stored.table = pool_rows(stored.local_rows, stored.pages, self.pool.num_pages, self.pool.page_size)
+        pages = self.pool.allocate(stored.layout.num_pages, ADAPTER, name)
+        try:
+            self.device.write_pages(pages, stored.rows)
+        except BaseException:  # a failed copy must leave the adapter cleanly not resident
+            self.pool.free(pages, ADAPTER, name)
+            raise
+        stored.pages = pages
+        stored.table = pool_rows(stored.local_rows, pages, self.pool.num_pages, self.pool.page_size)
         self.load_seconds += time.perf_counter() - start
         self.loads += 1
         self.bytes_loaded += stored.rows.nbytes
