@@ -93,3 +93,34 @@ class ModelConfig:
             "q_proj": (h, self.q_size), "k_proj": (h, self.kv_size), "v_proj": (h, self.kv_size),
             "o_proj": (self.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
         }[module]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Everything an Engine needs; LLM(**kwargs) builds one. See README for each knob."""
+    model: str = "smollm2"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_loras: int = 32                 # distinct adapters in ONE batch (reserves no memory)
+    max_lora_rank: int = 16
+    lora_modules: tuple[str, ...] = LORA_MODULES  # modules adapters may adapt (fixed: bounds compiles)
+    seed: int = 0
+    page_size: int = 16
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    pool_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    num_pool_pages: int | None = None
+    kernels: str = "reference"
+    scheduler: str = "fcfs"
+    warmup: bool = True                 # compile every batch shape at start-up
+
+    def __post_init__(self):
+        for name in ("max_loras", "max_lora_rank", "page_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= 1")
+        unknown = [m for m in self.lora_modules if m not in LORA_MODULES]
+        if unknown or not self.lora_modules:
+            raise ValueError(f"lora_modules={self.lora_modules!r} is invalid; allowed: a non-empty subset of "
+                             f"{', '.join(LORA_MODULES)}")

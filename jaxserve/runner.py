@@ -1,12 +1,17 @@
 """ModelRunner: turns a list of scheduled chunks into one padded ragged batch, runs the jitted
 forward (the unified pool donated, updated in place) and the on-device sampler.
 
-Shapes are padded to powers of two (tokens, sequences, pages per sequence) so the number of
-compiled variants stays small.
+Every shape is drawn from a small fixed set so compilation is bounded and can all happen at
+start-up (warmup): tokens per batch are padded to a power of four (16, 64, 256, ... capped at
+max_num_batched_tokens), pages per sequence likewise (1, 4, 16, ... capped at max_model_len's
+pages), the sequence axis is always max_num_seqs, and LoRA tables always hold max_loras adapters
+over the configured modules. Powers of four keep the variant count (and start-up) small at the
+price of up to 4x padding; the persistent compilation cache makes later start-ups fast.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from functools import partial
 
@@ -20,6 +25,11 @@ from jaxserve.memory.device_pool import DevicePool
 from jaxserve.model import llama
 from jaxserve.sampling import MAX_LOGPROBS, sample
 from jaxserve.sequence import Sequence
+
+logger = logging.getLogger("jaxserve")
+
+# One jitted forward for the process: runners of the same model config share compiled variants.
+_jitted_forward = jax.jit(llama.forward, static_argnames=("cfg", "kernels"), donate_argnums=(1,))
 
 
 @dataclasses.dataclass
@@ -39,58 +49,101 @@ class SampledToken:
     top: dict[int, float] | None
 
 
-# One jitted forward for the process: LLMs of the same model config share compiled variants.
-_jitted_forward = jax.jit(llama.forward, static_argnames=("cfg", "kernels"), donate_argnums=(1,))
+def _geometric(low: int, high: int, factor: int) -> list[int]:
+    sizes, n = [], low
+    while n < high:
+        sizes.append(n)
+        n *= factor
+    return sizes + [high]
 
 
-def _bucket(n: int, minimum: int) -> int:
-    return max(minimum, 1 << max(0, n - 1).bit_length())
+def _pick(buckets: list[int], n: int) -> int:
+    return next(b for b in buckets if b >= n)
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, params, device_pool: DevicePool, page_size: int, dtype,
-                 adapters: AdapterStore, kernels: str = "reference"):
-        self.cfg, self.page_size, self.adapters = cfg, page_size, adapters
-        self.params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-        self.device_pool = device_pool
+    def __init__(self, cfg: ModelConfig, params, device_pool: DevicePool, adapters: AdapterStore, *,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, max_loras: int,
+                 kernels: str = "reference"):
+        self.cfg, self.adapters, self.device_pool = cfg, adapters, device_pool
+        self.page_size = device_pool.array.shape[3]
+        self.params = params
+        self.max_num_seqs, self.max_loras = max_num_seqs, max_loras
+        self.token_buckets = _geometric(16, max(16, max_num_batched_tokens), 4)
+        self.page_buckets = _geometric(1, -(-max_model_len // self.page_size), 4)
         self._forward = partial(_jitted_forward, cfg=cfg, kernels=kernels)
         self.device_time = 0.0
+        self.num_compiled = 0
+        self.compile_seconds = 0.0
 
+    # ---- shapes and compilation -----------------------------------------------------------
+    def shape_variants(self) -> list[tuple[int, int, bool]]:
+        return [(t, p, lora) for t in self.token_buckets for p in self.page_buckets for lora in (False, True)]
+
+    def warmup(self) -> None:
+        """Compile (or fetch from the process cache) every batch shape and sampler variant, so no
+        request ever waits for a compile. The batches write nothing (every slot is -1)."""
+        start = time.perf_counter()
+        before = compiled_variants()
+        for tokens, pages, lora in self.shape_variants():
+            batch = llama.Batch(*(np.zeros(tokens, np.int32) for _ in range(3)), np.full(tokens, -1, np.int32),
+                                np.zeros((self.max_num_seqs, pages), np.int32), np.full(tokens, -1, np.int32),
+                                np.zeros(self.max_num_seqs, np.int32))
+            tables = self.adapters.batch_tables([], self.max_loras) if lora else None
+            logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, batch, lora=tables)
+        n = self.max_num_seqs
+        for num_logprobs in (0, MAX_LOGPROBS):
+            for use_filters in (False, True):
+                sample(logits, np.zeros(n, np.float32), np.full(n, -1, np.int32), np.ones(n, np.float32),
+                       np.zeros((n, 2), np.uint32), np.zeros(n, np.int32), num_logprobs=num_logprobs,
+                       use_filters=use_filters)
+        jax.block_until_ready(self.device_pool.array)
+        self.num_compiled = compiled_variants() - before
+        self.compile_seconds = time.perf_counter() - start
+        logger.info("warm-up: %d batch shapes + 4 sampler variants ready (%d newly compiled) in %.1f s",
+                    len(self.shape_variants()), self.num_compiled, self.compile_seconds)
+
+    # ---- one step -------------------------------------------------------------------------
     def build_batch(self, chunks: list[Chunk], adapter_index: dict[str, int]) -> llama.Batch:
         """Padded numpy batch; logits rows follow the order of the chunks that sample."""
         lengths = np.array([c.length for c in chunks])
-        num_tokens = _bucket(int(lengths.sum()), 8)
-        num_seqs = _bucket(len(chunks), 1)
-        max_pages = _bucket(max(len(c.seq.page_table) for c in chunks), 1)
+        num_tokens = _pick(self.token_buckets, int(lengths.sum()))
+        max_pages = _pick(self.page_buckets, max(len(c.seq.page_table) for c in chunks))
         token_ids = np.zeros(num_tokens, np.int32)
         positions = np.zeros(num_tokens, np.int32)
         token_seq = np.zeros(num_tokens, np.int32)
         slot_mapping = np.full(num_tokens, -1, np.int32)
         lora_ids = np.full(num_tokens, -1, np.int32)
-        page_tables = np.zeros((num_seqs, max_pages), np.int32)
-        logits_indices = np.zeros(num_seqs, np.int32)
-        num_sampling, offset = 0, 0
+        page_tables = np.zeros((self.max_num_seqs, max_pages), np.int32)
+        logits_indices = np.zeros(self.max_num_seqs, np.int32)
+        num_sampling, offset, ps = 0, 0, self.page_size
         for i, c in enumerate(chunks):
-            span = slice(offset, offset + c.length)
-            pos = np.arange(c.start, c.start + c.length)
-            table = np.asarray(c.seq.page_table, np.int32)
-            token_ids[span] = c.seq.all_token_ids[c.start:c.start + c.length]
-            positions[span] = pos
-            token_seq[span] = i
-            slot_mapping[span] = table[pos // self.page_size] * self.page_size + pos % self.page_size
-            lora_ids[span] = adapter_index.get(c.seq.lora_name, -1)
+            end = offset + c.length
+            table = c.seq.page_table
             page_tables[i, :len(table)] = table
-            offset += c.length
+            if c.length == 1:  # a decode token: scalar writes are much cheaper than slices
+                pos = c.start
+                token_ids[offset] = c.seq.output_token_ids[-1] if c.seq.output_token_ids else c.seq.prompt_token_ids[-1]
+                positions[offset] = pos
+                slot_mapping[offset] = table[pos // ps] * ps + pos % ps
+            else:
+                pos = np.arange(c.start, c.start + c.length)
+                token_ids[offset:end] = c.seq.all_token_ids[c.start:c.start + c.length]
+                positions[offset:end] = pos
+                slot_mapping[offset:end] = page_tables[i, pos // ps] * ps + pos % ps
+            token_seq[offset:end] = i
+            if c.seq.lora_request is not None:
+                lora_ids[offset:end] = adapter_index[c.seq.lora_request.lora_name]
+            offset = end
             if c.wants_token:
-                logits_indices[num_sampling] = offset - 1
+                logits_indices[num_sampling] = end - 1
                 num_sampling += 1
-        return llama.Batch(token_ids, positions, token_seq, slot_mapping, page_tables, lora_ids,
-                           logits_indices)
+        return llama.Batch(token_ids, positions, token_seq, slot_mapping, page_tables, lora_ids, logits_indices)
 
     def run(self, chunks: list[Chunk]) -> list[SampledToken]:
         active = list(dict.fromkeys(c.seq.lora_name for c in chunks if c.seq.lora_name))
         batch = self.build_batch(chunks, {name: i for i, name in enumerate(active)})
-        lora = self.adapters.batch_tables(active, _bucket(len(active), 1)) if active else None
+        lora = self.adapters.batch_tables(active, self.max_loras) if active else None
         sampling = [c.seq for c in chunks if c.wants_token]
         start = time.perf_counter()
         logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, batch, lora=lora)
@@ -98,13 +151,17 @@ class ModelRunner:
             jax.block_until_ready(self.device_pool.array)
             self.device_time += time.perf_counter() - start
             return []
-        n = logits.shape[0]
-        pad = n - len(sampling)
-        temperature = np.array([s.params.temperature for s in sampling] + [0.0] * pad, np.float32)
-        top_k = np.array([s.params.top_k for s in sampling] + [-1] * pad, np.int32)
-        top_p = np.array([s.params.top_p for s in sampling] + [1.0] * pad, np.float32)
-        seeds = np.array([[s.seed & 0xFFFFFFFF, s.seed >> 32] for s in sampling] + [[0, 0]] * pad, np.uint32)
-        steps = np.array([len(s.output_token_ids) for s in sampling] + [0] * pad, np.int32)
+        n, k = self.max_num_seqs, len(sampling)
+        temperature = np.zeros(n, np.float32)
+        top_k = np.full(n, -1, np.int32)
+        top_p = np.ones(n, np.float32)
+        seeds = np.zeros((n, 2), np.uint32)
+        steps = np.zeros(n, np.int32)
+        temperature[:k] = [s.params.temperature for s in sampling]
+        top_k[:k] = [s.params.top_k for s in sampling]
+        top_p[:k] = [s.params.top_p for s in sampling]
+        seeds[:k] = [(s.seed & 0xFFFFFFFF, s.seed >> 32) for s in sampling]
+        steps[:k] = [len(s.output_token_ids) for s in sampling]
         wanted = max((s.params.logprobs or 0) for s in sampling)
         num_logprobs = MAX_LOGPROBS if wanted else 0  # one compiled variant serves every N
         use_filters = bool(((top_k > 0) | (top_p < 1.0)).any())
@@ -115,8 +172,13 @@ class ModelRunner:
         for row, seq in enumerate(sampling):
             top = None
             if seq.params.logprobs is not None:
-                k = seq.params.logprobs
-                top = {int(t): float(lp) for t, lp in zip(top_ids[row, :k], top_lp[row, :k])}
+                m = seq.params.logprobs
+                top = {int(t): float(lp) for t, lp in zip(top_ids[row, :m], top_lp[row, :m])}
                 top[int(tokens[row])] = float(logprob[row])
             results.append(SampledToken(seq, int(tokens[row]), float(logprob[row]), top))
         return results
+
+
+def compiled_variants() -> int:
+    """Compiled variants held by the process-wide forward and sampler caches."""
+    return _jitted_forward._cache_size() + sample._cache_size()

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 MAX_LOGPROBS = 20  # like vLLM's default max_logprobs
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
 
 @dataclasses.dataclass
@@ -15,7 +16,10 @@ class SamplingParams:
     """temperature 0 is greedy; top_k -1 (or 0) and top_p 1 disable those filters; seed makes a
     request's sampling reproducible whatever else is in the batch; logprobs=N returns, for each
     generated token, a dict token_id -> logprob of the N most likely tokens plus the sampled one
-    (log-probabilities of the model's raw distribution, before temperature and filters)."""
+    (log-probabilities of the model's raw distribution, before temperature and filters).
+    output_kind (vLLM's RequestOutputKind): "cumulative" — each engine output holds everything so
+    far; "delta" — only what is new since the last output (streaming); "final_only" — one output
+    when the request finishes."""
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -27,6 +31,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: str = "cumulative"
 
     def __post_init__(self):
         if self.stop is None:
@@ -59,6 +64,8 @@ class SamplingParams:
             bad("stop", "a non-empty string or a list of them")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "a list of token ids >= 0")
+        if self.output_kind not in OUTPUT_KINDS:
+            bad("output_kind", ", ".join(OUTPUT_KINDS))
         if self.logprobs is not None and not (isinstance(self.logprobs, int)
                                               and 0 <= self.logprobs <= MAX_LOGPROBS):
             bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")

@@ -74,9 +74,9 @@ class TableLayout:
     size: int
 
 
-def table_layout(cfg: ModelConfig, max_rank: int) -> TableLayout:
+def table_layout(cfg: ModelConfig, max_rank: int, modules=LORA_MODULES) -> TableLayout:
     slices, at = {}, 0
-    for module in LORA_MODULES:
+    for module in modules:
         ca, cb = (chunks(w, cfg.kv_size) for w in cfg.module_shape(module))
         a = slice(at, at + max_rank * ca)
         b = slice(a.stop, a.stop + max_rank * cb)
@@ -85,12 +85,12 @@ def table_layout(cfg: ModelConfig, max_rank: int) -> TableLayout:
 
 
 def local_rows(layout: AdapterLayout, tables: TableLayout, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(adapter-relative row id of every table entry [tables.size], rank of each module [7]).
-    Entries past a module's rank point at row 0; the LoRA op masks them by rank."""
+    """(adapter-relative row id of every table entry [tables.size], rank of each module in
+    tables.slices [M]). Entries past a module's rank point at row 0; the LoRA op masks them."""
     rows = np.zeros(tables.size, np.int64)
-    ranks = np.zeros(len(LORA_MODULES), np.int32)
+    ranks = np.zeros(len(tables.slices), np.int32)
     r = np.arange(tables.max_rank)[:, None]
-    for i, module in enumerate(LORA_MODULES):
+    for i, module in enumerate(tables.slices):
         spec = layout.modules[module]
         a, (_, ca), b, (_, cb) = tables.slices[module]
         live = r < spec.rank
@@ -110,10 +110,9 @@ def pool_rows(local: np.ndarray, pages: list[int], num_pool_pages: int, page_siz
 
 
 def split_tables(flat: np.ndarray, ranks: np.ndarray, tables: TableLayout) -> dict:
-    """Stacked [n, size] pool-row ids and [n, 7] ranks -> the LoRA op's per-module tables
-    {module: {"a_rows": [n, R, ca], "b_rows": [n, R, cb], "rank": [n]}} (views, no copies), for
-    the modules some adapter adapts: the others would only add zeros."""
+    """Stacked [n, size] pool-row ids and [n, M] ranks -> the LoRA op's per-module tables
+    {module: {"a_rows": [n, R, ca], "b_rows": [n, R, cb], "rank": [n]}} (views, no copies)."""
     n = flat.shape[0]
     return {module: {"a_rows": flat[:, a].reshape(n, *a_shape), "b_rows": flat[:, b].reshape(n, *b_shape),
                      "rank": ranks[:, i]}
-            for i, (module, (a, a_shape, b, b_shape)) in enumerate(tables.slices.items()) if ranks[:, i].any()}
+            for i, (module, (a, a_shape, b, b_shape)) in enumerate(tables.slices.items())}

@@ -38,10 +38,11 @@ class StoredAdapter:
 
 
 class AdapterStore:
-    def __init__(self, cfg: ModelConfig, pool: PagePool, device: DevicePool, max_lora_rank: int, dtype):
+    def __init__(self, cfg: ModelConfig, pool: PagePool, device: DevicePool, max_lora_rank: int, dtype,
+                 modules: tuple[str, ...] = LORA_MODULES):
         self.cfg, self.pool, self.device = cfg, pool, device
-        self.max_lora_rank, self.dtype = max_lora_rank, dtype
-        self.tables = table_layout(cfg, max_lora_rank)
+        self.max_lora_rank, self.dtype, self.modules = max_lora_rank, dtype, modules
+        self.tables = table_layout(cfg, max_lora_rank, modules)
         self._adapters: dict[str, StoredAdapter] = {}
         self._unpinned: OrderedDict[str, None] = OrderedDict()  # resident, refcount 0; LRU first
         self.loads = self.evictions = self.bytes_loaded = 0
@@ -55,6 +56,10 @@ class AdapterStore:
         if adapter.max_rank > self.max_lora_rank:
             raise ValueError(f"LoRA {request.lora_name!r} has rank {adapter.max_rank}; allowed: at most "
                              f"max_lora_rank={self.max_lora_rank}")
+        outside = sorted(set(adapter.target_modules) - set(self.modules))
+        if outside:
+            raise ValueError(f"LoRA {request.lora_name!r} adapts {', '.join(outside)}; allowed (the engine's "
+                             f"lora_modules): {', '.join(self.modules)}")
         layout = plan_layout(adapter, self.cfg, self.pool.page_size)
         if layout.num_pages > self.pool.num_pages:
             raise PoolFull(f"LoRA {request.lora_name!r} needs {layout.num_pages} pages; the whole pool has "
@@ -168,9 +173,10 @@ class AdapterStore:
     def batch_tables(self, names: list[str], bucket: int) -> dict:
         """The LoRA op's tables for the active adapters, padded to `bucket` with rank-0 rows."""
         flat = np.zeros((bucket, self.tables.size), np.int32)
-        ranks = np.zeros((bucket, len(LORA_MODULES)), np.int32)
-        flat[:len(names)] = [self._adapters[n].table for n in names]
-        ranks[:len(names)] = [self._adapters[n].ranks for n in names]
+        ranks = np.zeros((bucket, len(self.modules)), np.int32)
+        if names:
+            flat[:len(names)] = [self._adapters[n].table for n in names]
+            ranks[:len(names)] = [self._adapters[n].ranks for n in names]
         return split_tables(flat, ranks, self.tables)
 
     def host_bytes(self) -> int:

@@ -1,0 +1,520 @@
+"""Engine: the continuous-batching host loop every request goes through.
+
+Each step():
+  1. running sequences that decode claim the page their next token needs; when the pool has
+     none, the most recently admitted running sequence is preempted (recompute: its pages are
+     freed, it goes back to the scheduler and later re-prefills prompt + generated tokens);
+  2. the scheduler offers waiting requests in its policy's order; each is admitted if the
+     sequence limit, the token budget and the pool (KV pages for its tokens + its adapter's
+     pages, evicting unused adapters) allow;
+  3. ONE ragged batch: a decode token for every decoding sequence, then prefill chunks (a long
+     prompt is split across steps) up to max_num_batched_tokens; the jitted forward runs with the
+     pool donated, the sampler on device;
+  4. the host appends tokens, detokenizes incrementally, applies stop conditions, frees finished
+     requests' pages, and charges the scheduler with the tokens actually processed.
+step() returns a RequestOutput for every request with something to report, shaped by its
+SamplingParams.output_kind: "cumulative" (all so far, the default), "delta" (what is new) or
+"final_only".
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.detokenizer import IncrementalDetokenizer
+from jaxserve.lora.peft import PeftAdapter, load_peft_adapter
+from jaxserve.lora.request import LoRARequest
+from jaxserve.lora.store import AdapterStore
+from jaxserve.memory.device_pool import DevicePool
+from jaxserve.memory.kv_manager import KVManager
+from jaxserve.memory.pool import PagePool, page_bytes
+from jaxserve.model import weights
+from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxserve.pallas.ops import get_ops
+from jaxserve.runner import Chunk, ModelRunner
+from jaxserve.sampling import SamplingParams
+from jaxserve.sched import make_scheduler
+from jaxserve.sequence import Sequence
+from jaxserve.tokenizer import Tokenizer
+
+logger = logging.getLogger("jaxserve")
+CPU_POOL_BYTES_CAP = 1 << 30
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk (JAXSERVE_COMPILATION_CACHE, default
+    ~/.cache/jaxserve/xla; "off" disables), so every start-up after the first is fast."""
+    path = os.environ.get("JAXSERVE_COMPILATION_CACHE", str(weights.cache_dir() / "xla"))
+    if path == "off" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def resolve_dtype(dtype: str):
+    if dtype == "auto":  # float32 where there is no accelerator, bfloat16 where there is
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid; allowed: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+@dataclasses.dataclass
+class StepStats:
+    """Cumulative step timings: device = forward + sampler until tokens are on the host; host =
+    everything else (scheduling, batch building, output processing)."""
+    steps: int = 0
+    host_seconds: float = 0.0
+    device_seconds: float = 0.0
+    tokens: int = 0
+
+    @property
+    def host_fraction(self) -> float:
+        total = self.host_seconds + self.device_seconds
+        return self.host_seconds / total if total else 0.0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, **kwargs):
+        config = config or EngineConfig(**kwargs)
+        self.config = config
+        start = time.perf_counter()
+        enable_compilation_cache()
+        self.dtype = resolve_dtype(config.dtype)
+        get_ops(config.kernels)  # fail now, not at the first step, on an unknown kernel backend
+        self.model_config, params, self.tokenizer, max_model_len = self._load_model(config)
+        cfg = self.model_config
+        self.max_model_len = max_model_len
+        params = jax.tree.map(lambda x: jnp.asarray(x, self.dtype), params)  # on device before sizing the pool
+        num_pages = self._pool_pages(config)
+        self.pool = PagePool(num_pages, config.page_size)
+        self.device_pool = DevicePool(cfg.num_layers, num_pages, config.page_size, cfg.kv_size, self.dtype)
+        logger.info("unified pool: %d pages of %d tokens = %.1f MiB (%d tokens of KV if no adapter)",
+                    num_pages, config.page_size, self.device_pool.nbytes / 2**20, num_pages * config.page_size)
+        self.adapters = AdapterStore(cfg, self.pool, self.device_pool, config.max_lora_rank, self.dtype,
+                                     config.lora_modules)
+        self.kv = KVManager(self.pool, self.adapters, watermark_pages=max(1, num_pages // 100))
+        self.runner = ModelRunner(cfg, params, self.device_pool, self.adapters, max_num_seqs=config.max_num_seqs,
+                                  max_num_batched_tokens=config.max_num_batched_tokens,
+                                  max_model_len=max_model_len, max_loras=config.max_loras, kernels=config.kernels)
+        self.scheduler = make_scheduler(config.scheduler)
+        self.running: list[Sequence] = []
+        self._requests: dict[str, Sequence] = {}
+        self._aborted: list[Sequence] = []
+        self._seed_rng = np.random.default_rng(config.seed)
+        self._order = itertools.count()
+        self._lock = threading.RLock()  # step() and add/abort from other threads (async serving)
+        self.num_preemptions = 0
+        self.stats = StepStats()
+        if config.warmup:
+            self.runner.warmup()
+        self.load_time = time.perf_counter() - start
+
+    # ---- start-up -------------------------------------------------------------------------
+    @staticmethod
+    def _load_model(config: EngineConfig):
+        path = weights.resolve_model(config.model)
+        max_model_len = config.max_model_len
+        if path.suffix == ".gguf":
+            hf_config, params, gguf = weights.load_gguf_params(path)
+            cfg = ModelConfig.from_hf(hf_config)
+            tokenizer = Tokenizer(gguf.tokenizer, gguf.chat_template, gguf.bos_token, gguf.eos_token,
+                                  cfg.eos_token_ids)
+        else:
+            hf_config, tensors = weights.read_hf_folder(path)
+            cfg = ModelConfig.from_hf(hf_config)
+            params = weights.hf_to_params(cfg, tensors)
+            tokenizer = (Tokenizer.from_hf_folder(path, cfg.eos_token_ids)
+                         if (path / "tokenizer.json").exists() else None)
+            window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
+            if window and (max_model_len is None or max_model_len > window):
+                max_model_len = window  # full attention equals sliding-window attention up to the window
+        limit = cfg.max_position_embeddings
+        if max_model_len is None:
+            max_model_len = min(limit, 2048)
+        if not isinstance(max_model_len, int) or not 1 <= max_model_len <= limit:
+            raise ValueError(f"max_model_len={max_model_len!r} is invalid; allowed: 1..{limit}")
+        return cfg, params, tokenizer, max_model_len
+
+    def _pool_pages(self, config: EngineConfig) -> int:
+        cfg = self.model_config
+        per_page = page_bytes(cfg.num_layers, config.page_size, cfg.kv_size, self.dtype)
+        if config.num_pool_pages is not None:
+            if not isinstance(config.num_pool_pages, int) or config.num_pool_pages < 1:
+                raise ValueError(f"num_pool_pages={config.num_pool_pages!r} is invalid; allowed: an integer >= 1")
+            return config.num_pool_pages
+        pool_bytes = config.pool_bytes
+        if pool_bytes is None:
+            stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+            if stats and "bytes_limit" in stats:
+                if not 0 < config.gpu_memory_utilization <= 1:
+                    raise ValueError(f"gpu_memory_utilization={config.gpu_memory_utilization!r} is invalid; "
+                                     f"allowed: (0, 1]")
+                pool_bytes = int(stats["bytes_limit"] * config.gpu_memory_utilization) - stats.get("bytes_in_use", 0)
+            else:
+                pages_per_seq = -(-self.max_model_len // config.page_size)
+                pool_bytes = min(CPU_POOL_BYTES_CAP, 2 * config.max_num_seqs * pages_per_seq * per_page)
+        if not isinstance(pool_bytes, int) or pool_bytes < per_page:
+            raise ValueError(f"pool_bytes={pool_bytes!r} is invalid; allowed: an integer >= one page "
+                             f"({per_page} bytes)")
+        return pool_bytes // per_page
+
+    # ---- adapters -------------------------------------------------------------------------
+    def load_new_loras(self, requests) -> dict[str, tuple[LoRARequest, PeftAdapter, int]]:
+        """Load and validate every adapter not yet registered (with the pages each would take);
+        registers nothing."""
+        loaded: dict[str, tuple[LoRARequest, PeftAdapter, int]] = {}
+        for req in requests:
+            if req is None:
+                continue
+            if not isinstance(req, LoRARequest):
+                raise ValueError(f"lora_request {req!r} is invalid; allowed: None or a LoRARequest")
+            known = (self.adapters.request_of(req.lora_name) if req.lora_name in self.adapters
+                     else loaded.get(req.lora_name, (None,))[0])
+            if known is not None:
+                if known.lora_path != req.lora_path and Path(known.lora_path).resolve() != Path(req.lora_path).resolve():
+                    raise ValueError(f"LoRA name {req.lora_name!r} is already registered with path "
+                                     f"{known.lora_path!r}, not {req.lora_path!r}")
+                continue
+            adapter = load_peft_adapter(req.lora_path, self.model_config, self.config.max_lora_rank)
+            loaded[req.lora_name] = (req, adapter, self.adapters.check(req, adapter).num_pages)
+        return loaded
+
+    def commit_loras(self, loaded: dict[str, tuple[LoRARequest, PeftAdapter, int]]) -> None:
+        with self._lock:
+            for req, adapter, _ in loaded.values():
+                self.adapters.register(req, adapter)
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Register an adapter: validated, packed and kept in host memory; it takes pool pages
+        only while requests need it (or until evicted)."""
+        self.commit_loras(self.load_new_loras([lora_request]))
+
+    def remove_lora(self, lora_name: str) -> None:
+        """Unregister an adapter and free its pages; RuntimeError while running requests use it."""
+        with self._lock:
+            self.adapters.unregister(lora_name)
+
+    def list_loras(self) -> list[str]:
+        return self.adapters.names()
+
+    # ---- requests -------------------------------------------------------------------------
+    def make_sequence(self, request_id: str, prompt, params: SamplingParams | None,
+                      lora_request: LoRARequest | None = None, client: str | None = None,
+                      arrival_time: float | None = None, adapter_pages: dict[str, int] | None = None) -> Sequence:
+        """Validate one request into a Sequence (changes nothing)."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params {params!r} is invalid; allowed: a SamplingParams")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass {'prompt_token_ids': [...]} prompts")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        else:
+            raise ValueError(f"prompt {prompt!r:.80} is invalid; allowed: a str or {{'prompt_token_ids': [...]}}")
+        vocab = self.model_config.vocab_size
+        if not ids or not all(isinstance(t, (int, np.integer)) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt_token_ids must be a non-empty list of ids in [0, {vocab}); got {ids[:8]}...")
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(f"prompt has {len(ids)} tokens; allowed: at most max_model_len - 1 = "
+                             f"{self.max_model_len - 1}")
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if max_tokens > room:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                             f"max_model_len={self.max_model_len}")
+        pages = self.pool.pages_for(len(ids) + max_tokens)
+        if lora_request is not None:
+            pages += (adapter_pages or {}).get(lora_request.lora_name) or self.adapters.pages_of(lora_request.lora_name)
+        if pages > self.pool.num_pages:
+            raise ValueError(f"prompt + max_tokens (and its adapter) need {pages} pages; the pool has "
+                             f"{self.pool.num_pages}: this request could never run")
+        if client is not None and (not isinstance(client, str) or not client):
+            raise ValueError(f"client={client!r} is invalid; allowed: None or a non-empty string")
+        seed = params.seed if params.seed is not None else int(self._seed_rng.integers(0, 2**63))
+        now = time.monotonic()
+        seq = Sequence(str(request_id), text, [int(t) for t in ids], params, seed, max_tokens, lora_request,
+                       client=client or (lora_request.lora_name if lora_request else "default"),
+                       arrival_time=now if arrival_time is None else arrival_time, order=next(self._order))
+        seq.metrics = RequestMetrics(arrival_time=seq.arrival_time, num_prompt_tokens=len(ids))
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
+        return seq
+
+    def add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None = None,
+                    lora_request: LoRARequest | None = None, client: str | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request. A bad one raises ValueError (or AdapterError) and changes nothing."""
+        with self._lock:
+            if str(request_id) in self._requests:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            new = self.load_new_loras([lora_request])
+            pages = {name: n for name, (_, _, n) in new.items()}
+            seq = self.make_sequence(request_id, prompt, sampling_params, lora_request, client, arrival_time, pages)
+            self.commit_loras(new)
+            self.enqueue(seq)
+
+    def enqueue(self, seq: Sequence) -> None:
+        with self._lock:
+            self._requests[seq.request_id] = seq
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request: its pages are freed now; the next step() reports it finished with
+        finish_reason "abort". False if it is unknown or already finished."""
+        with self._lock:
+            seq = self._requests.get(str(request_id))
+            if seq is None or seq.finished:
+                return False
+            if seq in self.running:
+                self.running.remove(seq)
+                self.kv.release(seq)
+                self.scheduler.finish(seq)
+            else:
+                self.scheduler.remove(seq)
+            seq.finish_reason = "abort"
+            seq.metrics.finished_time = time.monotonic()
+            self._aborted.append(seq)
+            return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running or len(self.scheduler) or self._aborted)
+
+    def num_unfinished_requests(self) -> int:
+        return len(self.running) + len(self.scheduler)
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        with self._lock:
+            start = time.perf_counter()
+            device_before = self.runner.device_time
+            outputs = [self._output(seq) for seq in self._aborted]
+            for seq in self._aborted:
+                self._requests.pop(seq.request_id, None)
+            self._aborted = []
+            self._grow_decoders()
+            self._admit()
+            chunks = self._schedule()
+            if chunks:
+                sampled = self.runner.run(chunks)
+                now = time.monotonic()
+                for c in chunks:
+                    self._account(c)
+                for s in sampled:
+                    self._append(s.seq, s.token, s.logprob, s.top, now)
+                for seq in [s for s in self.running if s.finished]:
+                    self._finish(seq, now)
+                for c in chunks:
+                    if c.wants_token or c.seq.finished:
+                        out = self._maybe_output(c.seq)
+                        if out is not None:
+                            outputs.append(out)
+                self.stats.steps += 1
+                self.stats.tokens += len(sampled)
+            device = self.runner.device_time - device_before
+            self.stats.device_seconds += device
+            self.stats.host_seconds += time.perf_counter() - start - device
+            return outputs
+
+    def _grow_decoders(self) -> None:
+        """Each decoding sequence needs room for its next token; preempt (newest first) if not."""
+        for seq in list(self.running):
+            if seq not in self.running or not seq.is_decoding:
+                continue
+            while not self.kv.grow(seq, seq.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.release(seq)
+        seq.num_computed_tokens = 0
+        seq.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.scheduler.requeue(seq)
+
+    def _admit(self) -> None:
+        budget = self.config.max_num_batched_tokens - sum(1 for s in self.running if s.is_decoding)
+        active = {s.lora_name for s in self.running if s.lora_name}
+
+        def try_admit(seq: Sequence) -> bool:
+            nonlocal budget
+            name = seq.lora_name
+            if budget <= 0 or (name and name not in active and len(active) >= self.config.max_loras):
+                return False
+            if not self.kv.can_admit(seq, len(self.running)):
+                return False
+            self.kv.admit(seq)
+            self.running.append(seq)
+            if name:
+                active.add(name)
+            budget -= seq.num_tokens - seq.num_computed_tokens
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = time.monotonic()
+            return True
+
+        self.scheduler.schedule(try_admit, self.config.max_num_seqs - len(self.running))
+
+    def _schedule(self) -> list[Chunk]:
+        """Decode tokens first (one each), then prefill chunks in admission order."""
+        chunks, budget = [], self.config.max_num_batched_tokens
+        for seq in self.running:
+            if seq.is_decoding and budget > 0:
+                chunks.append(Chunk(seq, seq.num_computed_tokens, 1, True))
+                budget -= 1
+        for seq in self.running:
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if remaining > 1 and budget > 0:
+                length = min(remaining, budget)
+                chunks.append(Chunk(seq, seq.num_computed_tokens, length, length == remaining))
+                budget -= length
+        return chunks
+
+    def _account(self, chunk: Chunk) -> None:
+        """Advance the cache and charge the scheduler for what was processed; a preempted
+        request's recomputed tokens are not charged again (the client did not cause them)."""
+        seq = chunk.seq
+        end = seq.num_computed_tokens + chunk.length
+        prompt_len = len(seq.prompt_token_ids)
+        new_prefill = max(0, min(end, prompt_len) - seq.num_charged_prefill)
+        seq.num_charged_prefill += new_prefill
+        seq.num_computed_tokens = end
+        # A decode token is charged when sampled (in _append), so the last step is not charged twice.
+        if new_prefill:
+            self.scheduler.charge(seq, new_prefill, 0)
+
+    def _append(self, seq: Sequence, token: int, logprob: float, top: dict | None, now: float) -> None:
+        seq.output_token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        if top is not None:
+            seq.output_logprobs.append(top)
+        seq.metrics.num_output_tokens = len(seq.output_token_ids)
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = now
+        self.scheduler.charge(seq, 0, 1)
+        params = seq.params
+        if token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif not params.ignore_eos and self.tokenizer is not None and token in self.tokenizer.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif len(seq.output_token_ids) >= seq.max_tokens:
+            seq.finish_reason = "length"
+        if seq.detokenizer is not None:
+            stop = seq.detokenizer.add(seq.output_token_ids)
+            if stop is not None:
+                seq.finish_reason, seq.stop_reason = "stop", stop
+
+    def _finish(self, seq: Sequence, now: float) -> None:
+        if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
+            seq.detokenizer.flush(seq.output_token_ids)
+        self.running.remove(seq)
+        self.kv.release(seq)
+        self.scheduler.finish(seq)
+        seq.metrics.finished_time = now
+        self._requests.pop(seq.request_id, None)
+
+    # ---- outputs --------------------------------------------------------------------------
+    def _maybe_output(self, seq: Sequence) -> RequestOutput | None:
+        kind = seq.params.output_kind
+        if kind == "final_only" and not seq.finished:
+            return None
+        if kind == "delta" and not seq.finished and seq.sent_tokens == len(seq.output_token_ids):
+            return None
+        return self._output(seq)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        text = seq.detokenizer.stable_text(seq.finished) if seq.detokenizer is not None else ""
+        tokens, logprobs = seq.output_token_ids, seq.output_logprobs if seq.params.logprobs is not None else None
+        if seq.params.output_kind == "delta":
+            text, tokens = text[seq.sent_text:], tokens[seq.sent_tokens:]
+            logprobs = logprobs[seq.sent_tokens:] if logprobs is not None else None
+            seq.sent_text += len(text)
+            seq.sent_tokens += len(tokens)
+        completion = CompletionOutput(0, text, list(tokens), seq.cumulative_logprob,
+                                      list(logprobs) if logprobs is not None else None,
+                                      seq.finish_reason, seq.stop_reason)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], seq.finished,
+                             seq.lora_request, seq.metrics)
+
+    # ---- streaming ------------------------------------------------------------------------
+    def stream(self, request_id: str, prompt, sampling_params: SamplingParams | None = None,
+               lora_request: LoRARequest | None = None, client: str | None = None) -> Iterator[RequestOutput]:
+        """Add a request and step the engine until it finishes, yielding its DELTA outputs (new
+        text and tokens). Other requests progress meanwhile; their outputs are dropped here."""
+        params = dataclasses.replace(sampling_params or SamplingParams(), output_kind="delta")
+        self.add_request(request_id, prompt, params, lora_request, client)
+        while True:
+            for out in self.step():
+                if out.request_id == str(request_id):
+                    yield out
+                    if out.finished:
+                        return
+
+    async def astream(self, request_id: str, prompt, sampling_params: SamplingParams | None = None,
+                      lora_request: LoRARequest | None = None, client: str | None = None
+                      ) -> AsyncIterator[RequestOutput]:
+        """The async form for servers: many coroutines may stream at once; one background task
+        steps the engine in a worker thread and routes each request's DELTA outputs to it."""
+        params = dataclasses.replace(sampling_params or SamplingParams(), output_kind="delta")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues()[str(request_id)] = queue
+        try:
+            self.add_request(request_id, prompt, params, lora_request, client)
+        except BaseException:
+            self._queues().pop(str(request_id), None)
+            raise
+        self._ensure_stepper()
+        try:
+            while True:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if self._queues().pop(str(request_id), None) is not None:
+                self.abort(request_id)  # the consumer went away early
+
+    def _queues(self) -> dict:
+        if not hasattr(self, "_async_queues"):
+            self._async_queues: dict[str, asyncio.Queue] = {}
+            self._stepper: asyncio.Task | None = None
+        return self._async_queues
+
+    def _ensure_stepper(self) -> None:
+        if self._stepper is None or self._stepper.done():
+            self._stepper = asyncio.get_running_loop().create_task(self._step_forever())
+
+    async def _step_forever(self) -> None:
+        queues = self._queues()
+        while queues and self.has_unfinished_requests():
+            try:
+                outputs = await asyncio.to_thread(self.step)
+            except BaseException as err:  # every waiting consumer hears of it
+                for q in queues.values():
+                    q.put_nowait(err)
+                raise
+            for out in outputs:
+                if out.request_id in queues:
+                    queues[out.request_id].put_nowait(out)
+                    if out.finished:
+                        queues.pop(out.request_id, None)

@@ -1,0 +1,58 @@
+"""KVManager: a running sequence's claim on the unified pool — its KV pages and its adapter.
+
+Admission takes pages for every token the sequence has (its prompt, plus what it generated
+before a preemption) and pins its adapter (loading it, evicting unused adapters if needed).
+Decoding then grows the page table one page at a time; when the pool cannot supply a page the
+engine preempts. Admission keeps a small watermark of pages free so that the sequences already
+running can grow a while before anyone must be preempted.
+"""
+from __future__ import annotations
+
+from jaxserve.lora.store import AdapterStore
+from jaxserve.memory.pool import KV, PagePool
+from jaxserve.sequence import Sequence
+
+
+class KVManager:
+    def __init__(self, pool: PagePool, adapters: AdapterStore, watermark_pages: int):
+        self.pool, self.adapters, self.watermark = pool, adapters, watermark_pages
+
+    def _available(self, keep: str | None) -> int:
+        return self.pool.num_free + self.adapters.reclaimable_pages(keep=keep)
+
+    def admission_pages(self, seq: Sequence) -> int:
+        name = seq.lora_name
+        return self.pool.pages_for(seq.num_tokens) + (self.adapters.pages_to_load(name) if name else 0)
+
+    def can_admit(self, seq: Sequence, running: int) -> bool:
+        reserve = self.watermark if running else 0  # alone, a request may use every page
+        return self.admission_pages(seq) + reserve <= self._available(seq.lora_name)
+
+    def admit(self, seq: Sequence) -> None:
+        name = seq.lora_name
+        self.adapters.make_room(self.admission_pages(seq), keep=name)
+        if name:
+            self.adapters.acquire(name)
+        try:
+            seq.page_table = self.pool.allocate(self.pool.pages_for(seq.num_tokens), KV, seq.request_id)
+        except BaseException:  # undo the pin: a failed admission leaves nothing behind
+            if name:
+                self.adapters.release(name)
+            raise
+
+    def grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make the page table cover num_tokens; False (nothing changed) if the pool cannot."""
+        need = self.pool.pages_for(num_tokens) - len(seq.page_table)
+        if need <= 0:
+            return True
+        if need > self._available(None):
+            return False
+        self.adapters.make_room(need)
+        seq.page_table.extend(self.pool.allocate(need, KV, seq.request_id))
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        self.pool.free(seq.page_table, KV, seq.request_id)
+        seq.page_table = []
+        if seq.lora_name:
+            self.adapters.release(seq.lora_name)
