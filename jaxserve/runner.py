@@ -121,9 +121,10 @@ class ModelRunner:
             end = offset + c.length
             table = c.seq.page_table
             page_tables[i, :len(table)] = table
-            if c.length == 1:  # a decode token: scalar writes are much cheaper than slices
-                pos = c.start
-                token_ids[offset] = c.seq.output_token_ids[-1] if c.seq.output_token_ids else c.seq.prompt_token_ids[-1]
+            if c.length == 1:  # a decode token (or a 1-token chunk): scalar writes beat slices
+                pos, prompt_len = c.start, len(c.seq.prompt_token_ids)
+                token_ids[offset] = (c.seq.prompt_token_ids[pos] if pos < prompt_len
+                                     else c.seq.output_token_ids[pos - prompt_len])
                 positions[offset] = pos
                 slot_mapping[offset] = table[pos // ps] * ps + pos % ps
             else:

@@ -1,0 +1,216 @@
+"""The continuous-batching engine: batch invariance (alone, mixed, preempted), abort, random
+interleavings, streaming, bounded compilation, metrics."""
+import asyncio
+
+import numpy as np
+import pytest
+
+from conftest import ADAPTERS, TINY, lora_request
+
+from jaxserve import SamplingParams
+from jaxserve.engine import Engine
+from jaxserve.memory.pool import KV
+from jaxserve.runner import compiled_variants
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def run_to_completion(engine, max_steps=10_000):
+    finished = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            return finished
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    raise AssertionError("engine did not finish")
+
+
+def golden_cases(golden):
+    return [(a, i) for a in ("base",) + ADAPTERS for i in range(4)]
+
+
+def add_mixed_batch(engine, golden, rng):
+    """The 16 golden cases, each twice, plus 8 fillers of other lengths: 40 requests."""
+    cases = golden_cases(golden) * 2
+    order = rng.permutation(len(cases))
+    for k in order:
+        adapter, i = cases[k]
+        engine.add_request(f"g{k}", {"prompt_token_ids": golden["tiny-llama"][adapter]["prompts"][i]}, GREEDY,
+                           None if adapter == "base" else lora_request(adapter))
+    for k in range(8):
+        prompt = rng.integers(3, 380, rng.integers(2, 40)).tolist()
+        engine.add_request(f"f{k}", {"prompt_token_ids": prompt},
+                           SamplingParams(temperature=0.0, max_tokens=int(rng.integers(1, 20)), ignore_eos=True),
+                           lora_request(ADAPTERS[k % 3]) if k % 2 else None)
+    return cases
+
+
+def check_golden(finished, cases, golden):
+    for k, (adapter, i) in enumerate(cases):
+        assert finished[f"g{k}"].outputs[0].token_ids == golden["tiny-llama"][adapter]["greedy"][i], (adapter, i)
+
+
+@pytest.mark.parametrize("pool_pages,page_size", [(None, 16), (44, 4)])
+def test_batch_invariance_and_preemption(golden, pool_pages, page_size):
+    """40 requests with different adapters and lengths in one engine — with room for all, and
+    with a pool so small that running requests are preempted and recomputed — every golden
+    request still yields HF's tokens."""
+    engine = Engine(model=str(TINY), max_model_len=64, max_num_seqs=32, max_num_batched_tokens=64,
+                    page_size=page_size, num_pool_pages=pool_pages)
+    cases = add_mixed_batch(engine, golden, np.random.default_rng(0))
+    finished = run_to_completion(engine)
+    check_golden(finished, cases, golden)
+    assert len(finished) == 40
+    if pool_pages is not None:
+        assert engine.num_preemptions > 0
+        assert sum(o.metrics.num_preemptions for o in finished.values()) == engine.num_preemptions
+    assert engine.pool.num_used(KV) == 0 and engine.adapters.metrics()["adapters_pinned"] == 0
+
+
+def test_abort_mid_generation_frees_pages(golden):
+    engine = Engine(model=str(TINY), max_model_len=64, num_pool_pages=64)
+    entry = golden["tiny-llama"]["qv-r4"]
+    for i in range(4):
+        engine.add_request(f"keep{i}", {"prompt_token_ids": entry["prompts"][i]}, GREEDY, lora_request("qv-r4"))
+    engine.add_request("gone", {"prompt_token_ids": entry["prompts"][2]},
+                       SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), lora_request("all-r8-rslora"))
+    for _ in range(5):
+        engine.step()
+    used = engine.pool.num_used(KV)
+    assert engine.abort("gone") and not engine.abort("gone") and not engine.abort("nope")
+    assert engine.pool.num_used(KV) < used
+    finished = run_to_completion(engine)
+    assert finished["gone"].outputs[0].finish_reason == "abort"
+    assert 0 < len(finished["gone"].outputs[0].token_ids) < 40
+    for i in range(4):
+        assert finished[f"keep{i}"].outputs[0].token_ids == entry["greedy"][i]
+    assert engine.pool.num_used(KV) == 0
+    engine.remove_lora("all-r8-rslora")  # no longer pinned
+
+
+def test_random_add_abort_step_interleavings():
+    """200 random operations: no page leaks, no request lost (each ends finished or aborted)."""
+    rng = np.random.default_rng(7)
+    engine = Engine(model=str(TINY), max_model_len=64, max_num_seqs=8, max_num_batched_tokens=32,
+                    page_size=4, num_pool_pages=80)  # the rank-8 all-module adapter alone takes 32
+    added, ended, n = set(), {}, 0
+    for _ in range(200):
+        op = rng.choice(["add", "abort", "step", "step"])
+        if op == "add":
+            rid = f"r{n}"
+            n += 1
+            engine.add_request(rid, {"prompt_token_ids": rng.integers(3, 380, rng.integers(1, 30)).tolist()},
+                               SamplingParams(temperature=float(rng.choice([0.0, 1.0])), max_tokens=int(rng.integers(1, 25)),
+                                              ignore_eos=bool(rng.integers(2))),
+                               lora_request(ADAPTERS[rng.integers(3)]) if rng.integers(2) else None)
+            added.add(rid)
+        elif op == "abort" and added:
+            engine.abort(rng.choice(sorted(added)))
+        else:
+            for out in engine.step():
+                if out.finished:
+                    assert out.request_id not in ended, "finished twice"
+                    ended[out.request_id] = out.outputs[0].finish_reason
+    ended.update({k: v.outputs[0].finish_reason for k, v in run_to_completion(engine).items()})
+    assert set(ended) == added
+    assert set(ended.values()) <= {"stop", "length", "abort"}
+    assert engine.pool.num_used(KV) == 0 and engine.adapters.metrics()["adapters_pinned"] == 0
+    assert engine.pool.num_free + engine.pool.num_used("adapter") == engine.pool.num_pages
+
+
+def test_streaming_equals_non_streamed(tiny_llm):
+    engine = tiny_llm.engine
+    params = SamplingParams(temperature=0.8, seed=11, max_tokens=20, ignore_eos=True, logprobs=1)
+    whole = tiny_llm.generate({"prompt_token_ids": [1, 300, 362]}, params)[0].outputs[0]
+    deltas = list(engine.stream("s1", {"prompt_token_ids": [1, 300, 362]}, params))
+    assert "".join(d.outputs[0].text for d in deltas) == whole.text
+    assert sum((d.outputs[0].token_ids for d in deltas), []) == whole.token_ids
+    assert sum((d.outputs[0].logprobs for d in deltas), []) == whole.logprobs
+    assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+
+
+def test_streamed_stop_string_never_shows_past_the_stop(tiny_llm):
+    engine = tiny_llm.engine
+    free = tiny_llm.generate({"prompt_token_ids": [1, 42]}, GREEDY)[0].outputs[0]
+    stop = free.text[6:10]  # likely spans tokens
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])
+    deltas = list(engine.stream("s2", {"prompt_token_ids": [1, 42]}, params))
+    streamed = "".join(d.outputs[0].text for d in deltas)
+    assert streamed == free.text[:free.text.index(stop)]
+    assert deltas[-1].outputs[0].finish_reason == "stop" and deltas[-1].outputs[0].stop_reason == stop
+
+
+def test_async_streams_run_concurrently(tiny_llm):
+    engine = tiny_llm.engine
+    params = [SamplingParams(temperature=0, max_tokens=8 + i, ignore_eos=True) for i in range(3)]
+    expected = tiny_llm.generate([{"prompt_token_ids": [1, 50 + i]} for i in range(3)], params)
+
+    async def consume(i):
+        text = ""
+        async for out in engine.astream(f"a{i}", {"prompt_token_ids": [1, 50 + i]}, params[i]):
+            text += out.outputs[0].text
+        return text
+
+    async def main():
+        return await asyncio.gather(*(consume(i) for i in range(3)))
+    assert asyncio.run(main()) == [e.outputs[0].text for e in expected]
+
+
+def test_no_compile_after_warmup():
+    """Warm-up compiles every shape; 100 requests of varied lengths, adapters and sampling
+    settings then compile nothing."""
+    engine = Engine(model=str(TINY), max_model_len=64, max_num_seqs=16, max_num_batched_tokens=128,
+                    num_pool_pages=60)
+    assert engine.runner.compile_seconds > 0
+    before = compiled_variants()
+    rng = np.random.default_rng(3)
+    for k in range(100):
+        prompt = rng.integers(3, 380, rng.integers(1, 50)).tolist()
+        params = SamplingParams(temperature=float(rng.choice([0, 0.7])), top_k=int(rng.choice([-1, 5])),
+                                top_p=float(rng.choice([1.0, 0.9])), logprobs=rng.choice([None, 3]),
+                                max_tokens=int(rng.integers(1, 64 - len(prompt))), ignore_eos=True)
+        engine.add_request(f"c{k}", {"prompt_token_ids": prompt}, params,
+                           lora_request(ADAPTERS[k % 3]) if k % 3 else None)
+        if k % 10 == 9:
+            for _ in range(int(rng.integers(1, 8))):
+                engine.step()
+    run_to_completion(engine)
+    assert compiled_variants() == before
+
+
+def test_request_metrics_and_client(tiny_llm):
+    engine = tiny_llm.engine
+    engine.add_request("m1", {"prompt_token_ids": [1, 2, 3]}, GREEDY, lora_request("qv-r4"))
+    engine.add_request("m2", {"prompt_token_ids": [1, 2]}, GREEDY, client="acme")
+    assert engine._requests["m1"].client == "qv-r4" and engine._requests["m2"].client == "acme"
+    finished = run_to_completion(engine)
+    m = finished["m1"].metrics
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+    assert (m.num_prompt_tokens, m.num_output_tokens, m.num_preemptions) == (3, 12, 0)
+    assert m.time_to_first_token >= 0 and m.time_in_queue >= 0
+
+
+def test_add_request_rejections_change_nothing(tiny_llm):
+    engine = tiny_llm.engine
+    engine.add_request("dup", {"prompt_token_ids": [1]}, GREEDY)
+    with pytest.raises(ValueError, match="'dup' is already in use"):
+        engine.add_request("dup", {"prompt_token_ids": [1]}, GREEDY)
+    with pytest.raises(ValueError, match="client=''"):
+        engine.add_request("c", {"prompt_token_ids": [1]}, GREEDY, client="")
+    small = Engine(model=str(TINY), max_model_len=64, num_pool_pages=2, page_size=16)
+    with pytest.raises(ValueError, match="need 4 pages; the pool has 2: this request could never run"):
+        small.add_request("big", {"prompt_token_ids": [1] * 30}, SamplingParams(max_tokens=20))
+    assert not small.has_unfinished_requests()
+    run_to_completion(engine)
+
+
+def test_adapter_in_use_cannot_be_removed_from_engine(tiny_llm):
+    engine = tiny_llm.engine
+    engine.add_request("u", {"prompt_token_ids": [1, 2]}, GREEDY, lora_request("all-r8-rslora"))
+    engine.step()
+    with pytest.raises(RuntimeError, match="in use by 1 running request"):
+        engine.remove_lora("all-r8-rslora")
+    run_to_completion(engine)
+    engine.remove_lora("all-r8-rslora")
+    assert "all-r8-rslora" not in engine.list_loras()
