@@ -87,7 +87,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-BENCHMARKS = ("adapters",)
+BENCHMARKS = ("adapters", "engine")
 
 
 def cmd_bench(args) -> int:

@@ -114,6 +114,7 @@ class EngineConfig:
     kernels: str = "reference"
     scheduler: str = "fcfs"
     warmup: bool = True                 # compile every batch shape at start-up
+    async_overlap: bool = True          # dispatch step N+1 before reading step N's tokens
 
     def __post_init__(self):
         for name in ("max_loras", "max_lora_rank", "page_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -40,8 +40,8 @@ class IncrementalDetokenizer:
         return None
 
     def flush(self, ids: list[int]) -> None:
-        """At the end, take the tail an unfinished UTF-8 sequence held back (as U+FFFD, the
-        way a full decode shows it)."""
+        """At the end, take what is not decoded yet: the tail an unfinished UTF-8 sequence held
+        back (as U+FFFD, the way a full decode shows it), or everything if add() never ran."""
         decode = lambda part: self.tokenizer.decode(part, skip_special_tokens=self.skip)
         if self.read_offset < len(ids):
             self.text += decode(ids[self.prefix_offset:])[len(decode(ids[self.prefix_offset:self.read_offset])):]

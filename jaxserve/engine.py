@@ -115,6 +115,7 @@ class Engine:
         self.running: list[Sequence] = []
         self._requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
+        self._inflight = None  # a dispatched step whose tokens are not processed yet
         self._seed_rng = np.random.default_rng(config.seed)
         self._order = itertools.count()
         self._lock = threading.RLock()  # step() and add/abort from other threads (async serving)
@@ -294,13 +295,15 @@ class Engine:
             return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.running or len(self.scheduler) or self._aborted)
+        return bool(self.running or len(self.scheduler) or self._aborted or self._inflight is not None)
 
     def num_unfinished_requests(self) -> int:
         return len(self.running) + len(self.scheduler)
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and dispatch one batch; process the results of the previous batch (with
+        async_overlap, while this one runs on the device) or of this one (without)."""
         with self._lock:
             start = time.perf_counter()
             device_before = self.runner.device_time
@@ -308,36 +311,56 @@ class Engine:
             for seq in self._aborted:
                 self._requests.pop(seq.request_id, None)
             self._aborted = []
+            previous, self._inflight = self._inflight, None
             self._grow_decoders()
             self._admit()
             chunks = self._schedule()
-            if chunks:
-                sampled = self.runner.run(chunks)
-                now = time.monotonic()
-                for c in chunks:
-                    self._account(c)
-                for s in sampled:
-                    self._append(s.seq, s.token, s.logprob, s.top, now)
-                for seq in [s for s in self.running if s.finished]:
-                    self._finish(seq, now)
-                for c in chunks:
-                    if c.wants_token or c.seq.finished:
-                        out = self._maybe_output(c.seq)
-                        if out is not None:
-                            outputs.append(out)
-                self.stats.steps += 1
-                self.stats.tokens += len(sampled)
+            dispatched = self.runner.dispatch(chunks) if chunks else None
+            for c in chunks:
+                self._account(c)
+            if self.config.async_overlap:
+                self._inflight, to_process = dispatched, previous
+            else:
+                to_process = dispatched
+            if to_process is not None:
+                outputs += self._process(to_process)
             device = self.runner.device_time - device_before
             self.stats.device_seconds += device
             self.stats.host_seconds += time.perf_counter() - start - device
             return outputs
 
+    def _process(self, inflight) -> list[RequestOutput]:
+        """Read a dispatched step's tokens; append, stop-check, finish, and report."""
+        sampled = self.runner.collect(inflight)
+        now = time.monotonic()
+        ended = []
+        for s in sampled:
+            if s.seq.finished:  # aborted, or finished by the step before: the token is surplus
+                continue
+            self._append(s.seq, s.token, s.logprob, s.top, now)
+            self.stats.tokens += 1
+            if s.seq.finished:
+                ended.append(s.seq)
+        for seq in ended:
+            self._finish(seq, now)
+        self.stats.steps += 1
+        outputs = []
+        for c in inflight.chunks:
+            if c.wants_token and (c.seq in ended or not c.seq.finished):
+                out = self._maybe_output(c.seq)
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
     def _grow_decoders(self) -> None:
         """Each decoding sequence needs room for its next token; preempt (newest first) if not."""
+        page_size = self.pool.page_size
         for seq in list(self.running):
-            if seq not in self.running or not seq.is_decoding:
+            if seq.num_known_tokens <= len(seq.page_table) * page_size:
+                continue  # the usual case: its last page has room (checked first: it is cheap)
+            if seq not in self.running or not seq.is_decoding or seq.will_finish_by_length:
                 continue
-            while not self.kv.grow(seq, seq.num_tokens):
+            while not self.kv.grow(seq, seq.num_known_tokens):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -358,8 +381,8 @@ class Engine:
         def try_admit(seq: Sequence) -> bool:
             nonlocal budget
             name = seq.lora_name
-            if budget <= 0 or (name and name not in active and len(active) >= self.config.max_loras):
-                return False
+            if budget <= 0 or seq.pending or (name and name not in active and len(active) >= self.config.max_loras):
+                return False  # (a preempted request whose last token is still on the device waits a step)
             if not self.kv.can_admit(seq, len(self.running)):
                 return False
             self.kv.admit(seq)
@@ -377,7 +400,7 @@ class Engine:
         """Decode tokens first (one each), then prefill chunks in admission order."""
         chunks, budget = [], self.config.max_num_batched_tokens
         for seq in self.running:
-            if seq.is_decoding and budget > 0:
+            if seq.is_decoding and budget > 0 and not seq.will_finish_by_length:
                 chunks.append(Chunk(seq, seq.num_computed_tokens, 1, True))
                 budget -= 1
         for seq in self.running:
@@ -402,7 +425,7 @@ class Engine:
             self.scheduler.charge(seq, new_prefill, 0)
 
     def _append(self, seq: Sequence, token: int, logprob: float, top: dict | None, now: float) -> None:
-        seq.output_token_ids.append(token)
+        seq.append_token(token)
         seq.cumulative_logprob += logprob
         if top is not None:
             seq.output_logprobs.append(top)
@@ -417,17 +440,20 @@ class Engine:
             seq.finish_reason = "stop"
         elif len(seq.output_token_ids) >= seq.max_tokens:
             seq.finish_reason = "length"
-        if seq.detokenizer is not None:
+        if seq.detokenizer is not None and seq.detokenize_each_step:
             stop = seq.detokenizer.add(seq.output_token_ids)
             if stop is not None:
                 seq.finish_reason, seq.stop_reason = "stop", stop
 
     def _finish(self, seq: Sequence, now: float) -> None:
         if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
-            seq.detokenizer.flush(seq.output_token_ids)
-        self.running.remove(seq)
-        self.kv.release(seq)
-        self.scheduler.finish(seq)
+            seq.detokenizer.flush(seq.output_token_ids)  # with final_only and no stop: all of it, once
+        if seq in self.running:
+            self.running.remove(seq)
+            self.kv.release(seq)
+            self.scheduler.finish(seq)
+        else:  # preempted while its last token was in flight: it was waiting again
+            self.scheduler.remove(seq)
         seq.metrics.finished_time = now
         self._requests.pop(seq.request_id, None)
 

@@ -42,6 +42,15 @@ class Chunk:
 
 
 @dataclasses.dataclass
+class InFlight:
+    """A dispatched step whose sampled tokens the host has not read yet."""
+    chunks: list[Chunk]
+    sampling: list[Sequence]
+    arrays: tuple               # device arrays: tokens, token logprob, top ids, top logprobs
+    step_id: int
+
+
+@dataclasses.dataclass
 class SampledToken:
     seq: Sequence
     token: int
@@ -72,6 +81,8 @@ class ModelRunner:
         self.token_buckets = _geometric(16, max(16, max_num_batched_tokens), 4)
         self.page_buckets = _geometric(1, -(-max_model_len // self.page_size), 4)
         self._forward = partial(_jitted_forward, cfg=cfg, kernels=kernels)
+        self._last_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the latest dispatched step's samples
+        self._dispatched = 0
         self.device_time = 0.0
         self.num_compiled = 0
         self.compile_seconds = 0.0
@@ -88,9 +99,10 @@ class ModelRunner:
         for tokens, pages, lora in self.shape_variants():
             batch = llama.Batch(*(np.zeros(tokens, np.int32) for _ in range(3)), np.full(tokens, -1, np.int32),
                                 np.zeros((self.max_num_seqs, pages), np.int32), np.full(tokens, -1, np.int32),
-                                np.zeros(self.max_num_seqs, np.int32))
+                                np.zeros(self.max_num_seqs, np.int32), np.full(tokens, -1, np.int32))
             tables = self.adapters.batch_tables([], self.max_loras) if lora else None
-            logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, batch, lora=tables)
+            logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, batch,
+                                                           self._last_tokens, lora=tables)
         n = self.max_num_seqs
         for num_logprobs in (0, MAX_LOGPROBS):
             for use_filters in (False, True):
@@ -114,6 +126,7 @@ class ModelRunner:
         token_seq = np.zeros(num_tokens, np.int32)
         slot_mapping = np.full(num_tokens, -1, np.int32)
         lora_ids = np.full(num_tokens, -1, np.int32)
+        prev_rows = np.full(num_tokens, -1, np.int32)
         page_tables = np.zeros((self.max_num_seqs, max_pages), np.int32)
         logits_indices = np.zeros(self.max_num_seqs, np.int32)
         num_sampling, offset, ps = 0, 0, self.page_size
@@ -123,8 +136,11 @@ class ModelRunner:
             page_tables[i, :len(table)] = table
             if c.length == 1:  # a decode token (or a 1-token chunk): scalar writes beat slices
                 pos, prompt_len = c.start, len(c.seq.prompt_token_ids)
-                token_ids[offset] = (c.seq.prompt_token_ids[pos] if pos < prompt_len
-                                     else c.seq.output_token_ids[pos - prompt_len])
+                if c.seq.pending_row >= 0:  # sampled by the step in flight: the device has it
+                    prev_rows[offset] = c.seq.pending_row
+                else:
+                    token_ids[offset] = (c.seq.prompt_token_ids[pos] if pos < prompt_len
+                                         else c.seq.output_token_ids[pos - prompt_len])
                 positions[offset] = pos
                 slot_mapping[offset] = table[pos // ps] * ps + pos % ps
             else:
@@ -139,45 +155,60 @@ class ModelRunner:
             if c.wants_token:
                 logits_indices[num_sampling] = end - 1
                 num_sampling += 1
-        return llama.Batch(token_ids, positions, token_seq, slot_mapping, page_tables, lora_ids, logits_indices)
+        return llama.Batch(token_ids, positions, token_seq, slot_mapping, page_tables, lora_ids, logits_indices,
+                           prev_rows)
 
-    def run(self, chunks: list[Chunk]) -> list[SampledToken]:
+    def dispatch(self, chunks: list[Chunk]) -> InFlight:
+        """Build the batch and enqueue forward + sampler on the device; returns at once. A
+        decode token whose sequence has a token pending reads it from the previous dispatch."""
         active = list(dict.fromkeys(c.seq.lora_name for c in chunks if c.seq.lora_name))
         batch = self.build_batch(chunks, {name: i for i, name in enumerate(active)})
         lora = self.adapters.batch_tables(active, self.max_loras) if active else None
         sampling = [c.seq for c in chunks if c.wants_token]
-        start = time.perf_counter()
-        logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, batch, lora=lora)
-        if not sampling:
-            jax.block_until_ready(self.device_pool.array)
-            self.device_time += time.perf_counter() - start
-            return []
+        logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, batch,
+                                                       self._last_tokens, lora=lora)
         n, k = self.max_num_seqs, len(sampling)
-        temperature = np.zeros(n, np.float32)
-        top_k = np.full(n, -1, np.int32)
-        top_p = np.ones(n, np.float32)
-        seeds = np.zeros((n, 2), np.uint32)
-        steps = np.zeros(n, np.int32)
-        temperature[:k] = [s.params.temperature for s in sampling]
-        top_k[:k] = [s.params.top_k for s in sampling]
-        top_p[:k] = [s.params.top_p for s in sampling]
-        seeds[:k] = [(s.seed & 0xFFFFFFFF, s.seed >> 32) for s in sampling]
-        steps[:k] = [len(s.output_token_ids) for s in sampling]
-        wanted = max((s.params.logprobs or 0) for s in sampling)
+        # One row per sampling sequence: temperature, top_p, top_k, seed low/high, step; padded
+        # rows are greedy. Built as one array, then split: cheaper than five per-field loops.
+        rows = np.zeros((n, 6), np.float64)
+        rows[:, 1], rows[:, 2] = 1.0, -1
+        if k:
+            rows[:k] = [s.sampling_row + (len(s.output_token_ids) + (s.pending_row >= 0),) for s in sampling]
+        temperature, top_p = rows[:, 0].astype(np.float32), rows[:, 1].astype(np.float32)
+        top_k, steps = rows[:, 2].astype(np.int32), rows[:, 5].astype(np.int32)
+        seeds = rows[:, 3:5].astype(np.uint32)
+        wanted = max((s.params.logprobs or 0) for s in sampling) if k else 0
         num_logprobs = MAX_LOGPROBS if wanted else 0  # one compiled variant serves every N
         use_filters = bool(((top_k > 0) | (top_p < 1.0)).any())
-        tokens, logprob, top_ids, top_lp = jax.device_get(sample(
-            logits, temperature, top_k, top_p, seeds, steps, num_logprobs=num_logprobs, use_filters=use_filters))
-        self.device_time += time.perf_counter() - start
-        results = []
+        arrays = sample(logits, temperature, top_k, top_p, seeds, steps, num_logprobs=num_logprobs,
+                        use_filters=use_filters)
+        self._last_tokens = arrays[0]
+        self._dispatched += 1
         for row, seq in enumerate(sampling):
+            seq.pending_row, seq.pending_step = row, self._dispatched
+        return InFlight(chunks, sampling, arrays, self._dispatched)
+
+    def collect(self, inflight: InFlight) -> list[SampledToken]:
+        """Wait for a dispatched step's tokens (the wait counts as device time) and clear the
+        sequences' pending marks (unless a later dispatch already set a new one)."""
+        start = time.perf_counter()
+        tokens, logprob, top_ids, top_lp = jax.device_get(inflight.arrays)
+        self.device_time += time.perf_counter() - start
+        tokens, logprob = tokens.tolist(), logprob.tolist()  # python scalars, once: cheaper per row
+        results = []
+        for row, seq in enumerate(inflight.sampling):
+            if seq.pending_step == inflight.step_id:
+                seq.pending_row = -1
             top = None
             if seq.params.logprobs is not None:
                 m = seq.params.logprobs
-                top = {int(t): float(lp) for t, lp in zip(top_ids[row, :m], top_lp[row, :m])}
-                top[int(tokens[row])] = float(logprob[row])
-            results.append(SampledToken(seq, int(tokens[row]), float(logprob[row]), top))
+                top = dict(zip(top_ids[row, :m].tolist(), top_lp[row, :m].tolist()))
+                top[tokens[row]] = logprob[row]
+            results.append(SampledToken(seq, tokens[row], logprob[row], top))
         return results
+
+    def run(self, chunks: list[Chunk]) -> list[SampledToken]:
+        return self.collect(self.dispatch(chunks))
 
 
 def compiled_variants() -> int:

@@ -26,6 +26,8 @@ class Sequence:
     page_table: list[int] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0               # tokens whose KV is in the cache
     num_charged_prefill: int = 0               # prompt tokens already charged to the scheduler
+    pending_row: int = -1                      # row of its token in the step in flight, -1: none
+    pending_step: int = 0                      # which dispatch that row belongs to
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     detokenizer: object | None = None          # IncrementalDetokenizer, when there is a tokenizer
@@ -34,13 +36,20 @@ class Sequence:
     sent_tokens: int = 0
     sent_text: int = 0
 
+    def __post_init__(self):
+        # Kept as a plain attribute (updated by append_token): the engine reads it per sequence
+        # per step, where a property chain is measurably slower.
+        self.num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
+        p = self.params  # the sampler's per-request inputs, fixed for the request's life
+        self.sampling_row = (p.temperature, p.top_p, p.top_k, self.seed & 0xFFFFFFFF, self.seed >> 32)
+
+    def append_token(self, token: int) -> None:
+        self.output_token_ids.append(token)
+        self.num_tokens += 1
+
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def lora_name(self) -> str | None:
@@ -51,6 +60,27 @@ class Sequence:
         return self.finish_reason is not None
 
     @property
+    def detokenize_each_step(self) -> bool:
+        """Text is needed before the end only for stop strings or streamed/cumulative outputs;
+        otherwise the detokenizer decodes everything once, at the finish."""
+        return bool(self.params.stop) or self.params.output_kind != "final_only"
+
+    @property
+    def pending(self) -> bool:
+        """A token was sampled by the step in flight; the host has not seen it yet."""
+        return self.pending_row >= 0
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens including one still on the device."""
+        return self.num_tokens + (self.pending_row >= 0)
+
+    @property
     def is_decoding(self) -> bool:
         """All but the newest token are in the cache: the next step processes one token."""
-        return self.num_tokens - self.num_computed_tokens == 1
+        return self.num_tokens + (self.pending_row >= 0) - self.num_computed_tokens == 1
+
+    @property
+    def will_finish_by_length(self) -> bool:
+        """Its pending token is its last (max_tokens): schedule nothing more for it."""
+        return self.pending and len(self.output_token_ids) + 1 >= self.max_tokens

@@ -51,13 +51,14 @@ def check_golden(finished, cases, golden):
         assert finished[f"g{k}"].outputs[0].token_ids == golden["tiny-llama"][adapter]["greedy"][i], (adapter, i)
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("pool_pages,page_size", [(None, 16), (44, 4)])
-def test_batch_invariance_and_preemption(golden, pool_pages, page_size):
+def test_batch_invariance_and_preemption(golden, pool_pages, page_size, overlap):
     """40 requests with different adapters and lengths in one engine — with room for all, and
-    with a pool so small that running requests are preempted and recomputed — every golden
-    request still yields HF's tokens."""
+    with a pool so small that running requests are preempted and recomputed; with and without
+    the async overlap — every golden request still yields HF's tokens."""
     engine = Engine(model=str(TINY), max_model_len=64, max_num_seqs=32, max_num_batched_tokens=64,
-                    page_size=page_size, num_pool_pages=pool_pages)
+                    page_size=page_size, num_pool_pages=pool_pages, async_overlap=overlap)
     cases = add_mixed_batch(engine, golden, np.random.default_rng(0))
     finished = run_to_completion(engine)
     check_golden(finished, cases, golden)
@@ -89,11 +90,12 @@ def test_abort_mid_generation_frees_pages(golden):
     engine.remove_lora("all-r8-rslora")  # no longer pinned
 
 
-def test_random_add_abort_step_interleavings():
+@pytest.mark.parametrize("overlap", [True, False])
+def test_random_add_abort_step_interleavings(overlap):
     """200 random operations: no page leaks, no request lost (each ends finished or aborted)."""
     rng = np.random.default_rng(7)
     engine = Engine(model=str(TINY), max_model_len=64, max_num_seqs=8, max_num_batched_tokens=32,
-                    page_size=4, num_pool_pages=80)  # the rank-8 all-module adapter alone takes 32
+                    page_size=4, num_pool_pages=80, async_overlap=overlap)  # the rank-8 all-module adapter alone takes 32
     added, ended, n = set(), {}, 0
     for _ in range(200):
         op = rng.choice(["add", "abort", "step", "step"])

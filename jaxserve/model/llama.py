@@ -38,6 +38,8 @@ class Batch(NamedTuple):
     page_tables: jax.Array     # [S, max_pages]
     lora_ids: jax.Array        # [T] index of the token's adapter among the active ones, -1: none
     logits_indices: jax.Array  # [N] tokens whose next-token logits are wanted
+    prev_rows: jax.Array       # [T] row of prev_tokens holding this token (sampled by the step
+                               #     still in flight), -1: token_ids has it
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -83,8 +85,10 @@ def _project(x, w, name, pool, layer, lora, lora_ids, lora_delta):
     return y.astype(x.dtype)
 
 
-def forward(params, pool, batch: Batch, cfg: ModelConfig, lora=None, kernels: str = "reference"):
-    """Returns (logits [N, V] float32, updated pool). Jit with cfg/kernels static, pool donated."""
+def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None, kernels: str = "reference"):
+    """Returns (logits [N, V] float32, updated pool). Jit with cfg/kernels static, pool donated.
+    prev_tokens [N] are the previous step's sampled tokens, still on the device: decode tokens
+    can be fed from them before the host has seen them (the engine's async overlap)."""
     op = ops.get_ops(kernels)
     num_tokens = batch.token_ids.shape[0]
     page_size = pool.shape[3]
@@ -119,7 +123,8 @@ def forward(params, pool, batch: Batch, cfg: ModelConfig, lora=None, kernels: st
         h = h + proj(gated.astype(x.dtype), "down")
         return (h, pool), None
 
-    h = params["embed"][batch.token_ids]
+    token_ids = jnp.where(batch.prev_rows >= 0, prev_tokens[jnp.maximum(batch.prev_rows, 0)], batch.token_ids)
+    h = params["embed"][token_ids]
     layer_ids = jnp.arange(cfg.num_layers)
     (h, pool), _ = jax.lax.scan(layer, (h, pool), (layer_ids, params["layers"]))
     h = rms_norm(h[batch.logits_indices], params["final_norm"], cfg.rms_norm_eps)
