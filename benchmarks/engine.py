@@ -5,7 +5,8 @@
 
 For each model and concurrency N: N requests arrive at once (prompts of --prompt-len random
 tokens, --output-len generated tokens each, greedy, ignore_eos) into an engine with
-max_num_seqs = N; after a warm-up round, a timed round. Both engine modes run side by side:
+max_num_seqs = N; after a warm-up round, the fastest of --repeats timed rounds. Both engine
+modes run side by side:
 
 - sync (async_overlap=False): each step dispatches its batch and waits for its tokens, so the
   split is clean — device ms = forward + sampler until the tokens are on the host, host ms =
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", default="1,8,64,256")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per mode; the fastest is reported")
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args(argv)
     import jax
@@ -76,7 +78,8 @@ def main(argv=None) -> int:
                 engine = Engine(model=MODELS.get(model, model), max_model_len=args.prompt_len + args.output_len + 16,
                                 max_num_seqs=n, max_num_batched_tokens=max(512, n), seed=0, async_overlap=overlap)
                 one_round(engine, n, args.prompt_len, args.output_len, seed=1)  # warm-up round
-                row[mode] = one_round(engine, n, args.prompt_len, args.output_len, seed=2)
+                rounds = [one_round(engine, n, args.prompt_len, args.output_len, seed=2 + r) for r in range(args.repeats)]
+                row[mode] = max(rounds, key=lambda x: x["tokens_per_s"])  # the 2-core machine is noisy
                 del engine
             sync, ov = row["sync"], row["overlap"]
             row["exposed_host_fraction"] = max(0.0, 1 - sync["device_ms_per_step"] / ov["wall_ms_per_step"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -123,6 +124,11 @@ class Engine:
         self.stats = StepStats()
         if config.warmup:
             self.runner.warmup()
+        # Start-up leaves a large heap (JAX's caches, the model); without this every garbage
+        # collection during serving scans it all — measured at ~1.6 ms of a 6 ms step at 256
+        # sequences. Frozen objects are never scanned (vLLM and SGLang do the same).
+        gc.collect()
+        gc.freeze()
         self.load_time = time.perf_counter() - start
 
     # ---- start-up -------------------------------------------------------------------------

@@ -173,7 +173,8 @@ class ModelRunner:
         rows = np.zeros((n, 6), np.float64)
         rows[:, 1], rows[:, 2] = 1.0, -1
         if k:
-            rows[:k] = [s.sampling_row + (len(s.output_token_ids) + (s.pending_row >= 0),) for s in sampling]
+            rows[:k] = np.array([s.sampling_row + (len(s.output_token_ids) + (s.pending_row >= 0),)
+                                 for s in sampling], np.float64)
         temperature, top_p = rows[:, 0].astype(np.float32), rows[:, 1].astype(np.float32)
         top_k, steps = rows[:, 2].astype(np.int32), rows[:, 5].astype(np.int32)
         seeds = rows[:, 3:5].astype(np.uint32)
