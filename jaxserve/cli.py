@@ -10,7 +10,7 @@ import time
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2', an HF folder or a .gguf file")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
 
@@ -58,10 +58,13 @@ def cmd_demo(args) -> int:
     from jaxserve import LLM, LoRARequest, SamplingParams
     from jaxserve.lora.demo import write_random_adapter
 
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed)
-    cfg = llm.model_config
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+              max_num_batched_tokens=256)
+    cfg, runner = llm.model_config, llm.runner
     print(f"loaded {args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size} in {llm.load_time:.1f} s")
+          f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size} in {llm.load_time:.1f} s "
+          f"(of which warm-up {runner.compile_seconds:.1f} s: {len(runner.shape_variants())} batch shapes, "
+          f"{runner.num_compiled} compiled now, the rest from the compilation cache)")
     with tempfile.TemporaryDirectory() as tmp:
         loras = {
             "demo-a": LoRARequest("demo-a", 1, str(write_random_adapter(
@@ -74,16 +77,13 @@ def cmd_demo(args) -> int:
         lora_requests = [loras[name] if name else None for _, name in DEMO_REQUESTS]
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
         start = time.perf_counter()
-        llm.chat(conversations, params, lora_requests)  # first run compiles the batch shapes
-        compile_run = time.perf_counter() - start
-        start = time.perf_counter()
         outputs = llm.chat(conversations, params, lora_requests)
         elapsed = time.perf_counter() - start
     for (prompt, name), out in zip(DEMO_REQUESTS, outputs):
         print(f"\n[{name or 'base model'}] {prompt}\n  -> {out.outputs[0].text.strip()}")
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     print(f"\n{len(outputs)} requests in one batch, {tokens} generated tokens in {elapsed:.2f} s: "
-          f"{tokens / elapsed:.1f} tokens/s (first run, with JIT compilation: {compile_run:.2f} s)")
+          f"{tokens / elapsed:.1f} tokens/s (adapters loaded into the pool on demand, no compilation)")
     return 0
 
 

@@ -121,6 +121,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is invalid; allowed: at "
+                             f"least max_num_seqs={self.max_num_seqs} (every running sequence decodes each step)")
         unknown = [m for m in self.lora_modules if m not in LORA_MODULES]
         if unknown or not self.lora_modules:
             raise ValueError(f"lora_modules={self.lora_modules!r} is invalid; allowed: a non-empty subset of "

@@ -212,8 +212,13 @@ class Engine:
         self.commit_loras(self.load_new_loras([lora_request]))
 
     def remove_lora(self, lora_name: str) -> None:
-        """Unregister an adapter and free its pages; RuntimeError while running requests use it."""
+        """Unregister an adapter and free its pages; RuntimeError while unfinished requests
+        (running, waiting or preempted) use it."""
         with self._lock:
+            users = [s.request_id for s in self._requests.values() if s.lora_name == lora_name and not s.finished]
+            if users:
+                raise RuntimeError(f"LoRA {lora_name!r} is in use by {len(users)} unfinished request(s) "
+                                   f"({', '.join(users[:5])}); remove it once they finish (or abort them)")
             self.adapters.unregister(lora_name)
 
     def list_loras(self) -> list[str]:
@@ -279,6 +284,8 @@ class Engine:
 
     def enqueue(self, seq: Sequence) -> None:
         with self._lock:
+            if seq.request_id in self._requests:
+                raise ValueError(f"request_id {seq.request_id!r} is already in use")
             self._requests[seq.request_id] = seq
             self.scheduler.add(seq)
 
@@ -296,6 +303,8 @@ class Engine:
             else:
                 self.scheduler.remove(seq)
             seq.finish_reason = "abort"
+            if seq.detokenizer is not None:
+                seq.detokenizer.flush(seq.output_token_ids)
             seq.metrics.finished_time = time.monotonic()
             self._aborted.append(seq)
             return True
@@ -313,21 +322,26 @@ class Engine:
         with self._lock:
             start = time.perf_counter()
             device_before = self.runner.device_time
-            outputs = [self._output(seq) for seq in self._aborted]
-            for seq in self._aborted:
-                self._requests.pop(seq.request_id, None)
-            self._aborted = []
             previous, self._inflight = self._inflight, None
-            self._grow_decoders()
-            self._admit()
-            chunks = self._schedule()
-            dispatched = self.runner.dispatch(chunks) if chunks else None
+            dispatched = None
+            try:
+                self._grow_decoders()
+                self._admit()
+                chunks = self._schedule()
+                dispatched = self.runner.dispatch(chunks) if chunks else None
+            except BaseException:
+                self._inflight = previous  # nothing new is on the device: keep the old step's tokens
+                raise
             for c in chunks:
                 self._account(c)
             if self.config.async_overlap:
                 self._inflight, to_process = dispatched, previous
             else:
                 to_process = dispatched
+            outputs = [self._output(seq) for seq in self._aborted]
+            for seq in self._aborted:
+                self._requests.pop(seq.request_id, None)
+            self._aborted = []
             if to_process is not None:
                 outputs += self._process(to_process)
             device = self.runner.device_time - device_before
@@ -493,12 +507,16 @@ class Engine:
         text and tokens). Other requests progress meanwhile; their outputs are dropped here."""
         params = dataclasses.replace(sampling_params or SamplingParams(), output_kind="delta")
         self.add_request(request_id, prompt, params, lora_request, client)
-        while True:
-            for out in self.step():
-                if out.request_id == str(request_id):
-                    yield out
-                    if out.finished:
-                        return
+        finished = False
+        try:
+            while not finished:
+                for out in self.step():
+                    if out.request_id == str(request_id):
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:  # the consumer stopped early: free the request's pages
+                self.abort(request_id)
 
     async def astream(self, request_id: str, prompt, sampling_params: SamplingParams | None = None,
                       lora_request: LoRARequest | None = None, client: str | None = None
@@ -507,12 +525,8 @@ class Engine:
         steps the engine in a worker thread and routes each request's DELTA outputs to it."""
         params = dataclasses.replace(sampling_params or SamplingParams(), output_kind="delta")
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues()[str(request_id)] = queue
-        try:
-            self.add_request(request_id, prompt, params, lora_request, client)
-        except BaseException:
-            self._queues().pop(str(request_id), None)
-            raise
+        self.add_request(request_id, prompt, params, lora_request, client)  # raises on a duplicate id
+        self._queues()[str(request_id)] = queue  # no await in between: no output can be missed
         self._ensure_stepper()
         try:
             while True:

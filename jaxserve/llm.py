@@ -80,10 +80,11 @@ class LLM:
         for seq in seqs:
             engine.enqueue(seq)
         finished: dict[str, RequestOutput] = {}
+        mine = {seq.request_id for seq in seqs}
         try:
             while len(finished) < len(seqs):
                 for out in engine.step():
-                    if out.finished:
+                    if out.finished and out.request_id in mine:
                         finished[out.request_id] = out
         except BaseException:  # leave the engine clean for the next call
             for seq in seqs:

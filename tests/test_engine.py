@@ -211,8 +211,50 @@ def test_adapter_in_use_cannot_be_removed_from_engine(tiny_llm):
     engine = tiny_llm.engine
     engine.add_request("u", {"prompt_token_ids": [1, 2]}, GREEDY, lora_request("all-r8-rslora"))
     engine.step()
-    with pytest.raises(RuntimeError, match="in use by 1 running request"):
+    with pytest.raises(RuntimeError, match="in use by 1 unfinished request"):
         engine.remove_lora("all-r8-rslora")
     run_to_completion(engine)
     engine.remove_lora("all-r8-rslora")
     assert "all-r8-rslora" not in engine.list_loras()
+
+
+def test_adapter_of_a_waiting_request_cannot_be_removed(tiny_llm):
+    engine = tiny_llm.engine
+    engine.add_request("w", {"prompt_token_ids": [1, 2]}, GREEDY, lora_request("regex-r16-pattern"))
+    with pytest.raises(RuntimeError, match="in use by 1 unfinished request"):
+        engine.remove_lora("regex-r16-pattern")  # still waiting: never admitted yet
+    run_to_completion(engine)
+
+
+def test_closing_a_stream_early_aborts_it(tiny_llm):
+    engine = tiny_llm.engine
+    stream = engine.stream("early", {"prompt_token_ids": [1, 2]}, SamplingParams(max_tokens=40, ignore_eos=True))
+    next(stream)
+    stream.close()
+    run_to_completion(engine)
+    assert engine.pool.num_used(KV) == 0 and not engine.has_unfinished_requests()
+
+
+def test_aborted_final_only_request_keeps_its_text(tiny_llm):
+    engine = tiny_llm.engine
+    engine.add_request("fo", {"prompt_token_ids": [1, 42]},
+                       SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, output_kind="final_only"))
+    for _ in range(6):
+        engine.step()
+    engine.abort("fo")
+    out = run_to_completion(engine)["fo"].outputs[0]
+    assert out.finish_reason == "abort" and out.token_ids
+    assert out.text == tiny_llm.get_tokenizer().decode(out.token_ids)
+
+
+def test_generate_ignores_other_requests_in_the_engine(tiny_llm, golden):
+    tiny_llm.engine.add_request("other", {"prompt_token_ids": [1, 5]}, SamplingParams(max_tokens=2))
+    entry = golden["tiny-llama"]["base"]
+    out = tiny_llm.generate({"prompt_token_ids": entry["prompts"][1]}, GREEDY)
+    assert out[0].outputs[0].token_ids == entry["greedy"][1]
+    run_to_completion(tiny_llm.engine)
+
+
+def test_budget_below_max_num_seqs_is_rejected():
+    with pytest.raises(ValueError, match="max_num_batched_tokens=8 is invalid; allowed: at least max_num_seqs=32"):
+        Engine(model=str(TINY), max_num_batched_tokens=8)

@@ -14,7 +14,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 def test_chunked_prefill_mixed_with_decode_matches_golden(golden):
     """A token budget of 8 splits the 16- and 33-token prompts into chunks that run in the same
     forward as other sequences' decode tokens; outputs still equal HF's."""
-    llm = LLM(str(TINY), max_model_len=64, max_num_batched_tokens=8, page_size=4)
+    llm = LLM(str(TINY), max_model_len=64, max_num_batched_tokens=8, max_num_seqs=8, page_size=4)
     entry = golden["tiny-llama"]["all-r8-rslora"]
     outs = llm.generate([{"prompt_token_ids": p} for p in entry["prompts"]], GREEDY,
                         lora_request("all-r8-rslora"))
