@@ -58,8 +58,9 @@ def cmd_demo(args) -> int:
     from jaxserve import LLM, LoRARequest, SamplingParams
     from jaxserve.lora.demo import write_random_adapter
 
+    # A small batch shape set: the demo's four requests need no more, and start-up compiles less.
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
-              max_num_batched_tokens=256)
+              max_num_seqs=8, max_num_batched_tokens=64)
     cfg, runner = llm.model_config, llm.runner
     print(f"loaded {args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size} in {llm.load_time:.1f} s "

@@ -99,7 +99,8 @@ class ModelRunner:
         for tokens, pages, lora in self.shape_variants():
             batch = llama.Batch(*(np.zeros(tokens, np.int32) for _ in range(3)), np.full(tokens, -1, np.int32),
                                 np.zeros((self.max_num_seqs, pages), np.int32), np.full(tokens, -1, np.int32),
-                                np.zeros(self.max_num_seqs, np.int32), np.full(tokens, -1, np.int32))
+                                np.zeros(self.max_num_seqs, np.int32), np.full(tokens, -1, np.int32),
+                                np.zeros(tokens, np.int32))
             tables = self.adapters.batch_tables([], self.max_loras) if lora else None
             logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, batch,
                                                            self._last_tokens, lora=tables)
@@ -127,6 +128,7 @@ class ModelRunner:
         slot_mapping = np.full(num_tokens, -1, np.int32)
         lora_ids = np.full(num_tokens, -1, np.int32)
         prev_rows = np.full(num_tokens, -1, np.int32)
+        cached_lens = np.zeros(num_tokens, np.int32)
         page_tables = np.zeros((self.max_num_seqs, max_pages), np.int32)
         logits_indices = np.zeros(self.max_num_seqs, np.int32)
         num_sampling, offset, ps = 0, 0, self.page_size
@@ -149,6 +151,7 @@ class ModelRunner:
                 positions[offset:end] = pos
                 slot_mapping[offset:end] = page_tables[i, pos // ps] * ps + pos % ps
             token_seq[offset:end] = i
+            cached_lens[offset:end] = c.start
             if c.seq.lora_request is not None:
                 lora_ids[offset:end] = adapter_index[c.seq.lora_request.lora_name]
             offset = end
@@ -156,7 +159,7 @@ class ModelRunner:
                 logits_indices[num_sampling] = end - 1
                 num_sampling += 1
         return llama.Batch(token_ids, positions, token_seq, slot_mapping, page_tables, lora_ids, logits_indices,
-                           prev_rows)
+                           prev_rows, cached_lens)
 
     def dispatch(self, chunks: list[Chunk]) -> InFlight:
         """Build the batch and enqueue forward + sampler on the device; returns at once. A

@@ -1,8 +1,10 @@
 """A pure-functional Llama-family forward (Llama 2/3, Mistral, Qwen2, SmolLM2).
 
 One call processes one flat ragged batch: prefill chunks and decode tokens of different sequences
-side by side. The forward first writes the new tokens' keys and values into the paged cache, then
-every token attends to its own sequence's pages up to its position. Attention and LoRA go through
+side by side. Every token attends to its own sequence's cached pages plus the batch's new keys of
+its sequence up to its position; the new keys and values of all layers are written into the pool
+after the last layer, so the pool is read-only inside the layer loop (reading a buffer that the
+loop also updates in place makes XLA copy all of it, every layer). Attention and LoRA go through
 jaxserve.pallas.ops, so kernels can be swapped without touching this file.
 
 params (a pytree; layer weights stacked on a leading axis so the layers run under lax.scan):
@@ -40,6 +42,7 @@ class Batch(NamedTuple):
     logits_indices: jax.Array  # [N] tokens whose next-token logits are wanted
     prev_rows: jax.Array       # [T] row of prev_tokens holding this token (sampled by the step
                                #     still in flight), -1: token_ids has it
+    cached_lens: jax.Array     # [T] tokens of its sequence already in the pool (= its chunk's start)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -93,14 +96,14 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
     num_tokens = batch.token_ids.shape[0]
     page_size = pool.shape[3]
     num_slots = pool.shape[2] * page_size
-    # Padding tokens (slot -1) write out of bounds, which mode="drop" discards.
     write_slot = jnp.where(batch.slot_mapping >= 0, batch.slot_mapping, num_slots)
     write_page, write_offset = write_slot // page_size, write_slot % page_size
     inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
     scale = 1.0 / math.sqrt(cfg.head_dim)
 
-    def layer(carry, inputs):
-        h, pool = carry
+    valid = batch.slot_mapping >= 0
+
+    def layer(h, inputs):
         index, w = inputs
 
         def proj(x, name):  # weights are keyed "q", LoRA modules "q_proj" (PEFT's names)
@@ -112,21 +115,24 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
             q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
         q = apply_rope(q.reshape(num_tokens, cfg.num_heads, cfg.head_dim), batch.positions, inv_freq)
         k = apply_rope(k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim), batch.positions, inv_freq)
-        pool = pool.at[index, 0, write_page, write_offset].set(
-            k.reshape(num_tokens, cfg.kv_size).astype(pool.dtype), mode="drop")
-        pool = pool.at[index, 1, write_page, write_offset].set(v.astype(pool.dtype), mode="drop")
-        attn = op["paged_attention"](q, pool[index, 0], pool[index, 1], batch.page_tables,
-                                     batch.token_seq, batch.positions, scale)
+        # Stored in the pool's dtype: attend to exactly what later steps will read back.
+        k = k.reshape(num_tokens, cfg.kv_size).astype(pool.dtype)
+        v = v.astype(pool.dtype)
+        attn = op["paged_attention"](q, k, v, pool, index, batch.page_tables, batch.token_seq, batch.positions,
+                                     batch.cached_lens, valid, scale)
         h = h + proj(attn.reshape(num_tokens, cfg.q_size), "o")
         x = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
         gated = jax.nn.silu(proj(x, "gate").astype(jnp.float32)) * proj(x, "up").astype(jnp.float32)
         h = h + proj(gated.astype(x.dtype), "down")
-        return (h, pool), None
+        return h, (k, v)
 
     token_ids = jnp.where(batch.prev_rows >= 0, prev_tokens[jnp.maximum(batch.prev_rows, 0)], batch.token_ids)
     h = params["embed"][token_ids]
     layer_ids = jnp.arange(cfg.num_layers)
-    (h, pool), _ = jax.lax.scan(layer, (h, pool), (layer_ids, params["layers"]))
+    h, (k_all, v_all) = jax.lax.scan(layer, h, (layer_ids, params["layers"]))       # [L, T, kv] each
+    # Padding tokens (slot -1) write out of bounds, which mode="drop" discards.
+    pool = pool.at[:, 0, write_page, write_offset].set(k_all, mode="drop")
+    pool = pool.at[:, 1, write_page, write_offset].set(v_all, mode="drop")
     h = rms_norm(h[batch.logits_indices], params["final_norm"], cfg.rms_norm_eps)
     lm_head = params["lm_head"] if "lm_head" in params else params["embed"].T
     logits = jnp.dot(h, lm_head, preferred_element_type=jnp.float32)

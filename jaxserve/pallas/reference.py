@@ -9,41 +9,59 @@ import jax
 import jax.numpy as jnp
 
 
-def paged_attention(q, k_pages, v_pages, page_tables, token_seq, positions, scale):
-    """Causal attention of a flat ragged batch of query tokens over a paged KV cache.
+def paged_attention(q, k_new, v_new, pool, layer, page_tables, token_seq, positions, cached_lens, valid, scale):
+    """Causal attention of a flat ragged batch of query tokens over the paged KV cache plus the
+    batch's own new keys (the forward writes them to the pool after all layers ran, so the pool
+    is read-only inside the layer loop).
 
     q:           [T, num_heads, head_dim]  queries, any mix of prefill chunks and decode tokens
-    k_pages:     [num_pages, page_size, num_kv_heads * head_dim]   one layer's key pages
-    v_pages:     same shape, value pages
+    k_new/v_new: [T, num_kv_heads * head_dim] this step's keys/values (in the pool's dtype)
+    pool:        [L, 2, num_pages, page_size, num_kv_heads * head_dim], the unified pool (half 0
+                 keys, half 1 values of KV pages)
+    layer:       int32 scalar, the layer being computed
     page_tables: [S, max_pages] int32, page ids of each sequence in order
-    token_seq:   [T] int32, row of page_tables that each query token belongs to
-    positions:   [T] int32, the token's position; it attends to keys 0..position of its sequence
-                 (the cache already holds this step's keys: the forward writes before it reads)
+    token_seq:   [T] int32, row of page_tables that each token belongs to
+    positions:   [T] int32, the token's position in its sequence
+    cached_lens: [T] int32, how many of its sequence's tokens the pool already holds (keys at
+                 positions < cached_len come from the pool, the rest from this batch)
+    valid:       [T] bool, False for padding tokens (never a key)
     returns      [T, num_heads, head_dim] in q's dtype
     """
     num_tokens, num_heads, head_dim = q.shape
-    page_size = k_pages.shape[1]
-    num_kv_heads = k_pages.shape[2] // head_dim
+    page_size = pool.shape[3]
+    num_kv_heads = pool.shape[4] // head_dim
     group = num_heads // num_kv_heads
     pages = page_tables[token_seq]                                   # [T, max_pages]
     max_len = pages.shape[1] * page_size
-    k = k_pages[pages].reshape(num_tokens, max_len, num_kv_heads, head_dim)
-    v = v_pages[pages].reshape(num_tokens, max_len, num_kv_heads, head_dim)
+    # Only the pages the batch needs are gathered (slicing a layer of a large pool would copy it).
+    k = pool[layer, 0, pages].reshape(num_tokens, max_len, num_kv_heads, head_dim)
+    v = pool[layer, 1, pages].reshape(num_tokens, max_len, num_kv_heads, head_dim)
     qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    scores = jnp.einsum("tkgd,tlkd->tkgl", qg, k, preferred_element_type=jnp.float32) * scale
-    visible = jnp.arange(max_len)[None, :] <= positions[:, None]    # [T, L]
-    scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("tkgl,tlkd->tkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    cached = jnp.einsum("tkgd,tlkd->tkgl", qg, k, preferred_element_type=jnp.float32) * scale
+    cached_visible = jnp.arange(max_len)[None, :] < cached_lens[:, None]                # [T, L]
+    cached = jnp.where(cached_visible[:, None, None, :], cached, -jnp.inf)
+    kn = k_new.reshape(num_tokens, num_kv_heads, head_dim)
+    vn = v_new.reshape(num_tokens, num_kv_heads, head_dim)
+    fresh = jnp.einsum("tkgd,ukd->tkgu", qg, kn, preferred_element_type=jnp.float32) * scale
+    fresh_visible = ((token_seq[:, None] == token_seq[None, :]) & (positions[None, :] <= positions[:, None])
+                     & valid[None, :])                                                   # [T, T]
+    # A padding token sees itself, so no row is all -inf: its softmax would be NaN, and a NaN
+    # value row poisons every row through 0 * NaN in the next layer.
+    fresh_visible |= jnp.eye(num_tokens, dtype=bool)
+    fresh = jnp.where(fresh_visible[:, None, None, :], fresh, -jnp.inf)
+    probs = jax.nn.softmax(jnp.concatenate([cached, fresh], axis=-1), axis=-1)
+    out = (jnp.einsum("tkgl,tlkd->tkgd", probs[..., :max_len].astype(v.dtype), v, preferred_element_type=jnp.float32)
+           + jnp.einsum("tkgu,ukd->tkgd", probs[..., max_len:].astype(vn.dtype), vn, preferred_element_type=jnp.float32))
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
 
 def gather_rank_rows(pool, layer, rows, width):
     """Adapter rank-rows from the unified pool: rows [..., R, chunks] flat row ids of one layer
     (r = (half * num_pages + page) * page_size + offset) -> [..., R, width] (chunks joined)."""
-    num_layers, _, num_pages, page_size, row_width = pool.shape
-    flat_pool = pool.reshape(num_layers, 2 * num_pages * page_size, row_width)  # free: a bitcast
-    gathered = flat_pool[layer, rows]                                            # [..., R, c, W]
+    _, _, num_pages, page_size, row_width = pool.shape
+    # Index the pool directly: a reshape of the loop-carried pool would copy all of it.
+    half_page, offset = rows // page_size, rows % page_size
+    gathered = pool[layer, half_page // num_pages, half_page % num_pages, offset]   # [..., R, c, W]
     return gathered.reshape(*rows.shape[:-1], rows.shape[-1] * row_width)[..., :width]
 
 
