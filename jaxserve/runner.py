@@ -80,6 +80,7 @@ class ModelRunner:
         self.max_num_seqs, self.max_loras = max_num_seqs, max_loras
         self.token_buckets = _geometric(16, max(16, max_num_batched_tokens), 4)
         self.page_buckets = _geometric(1, -(-max_model_len // self.page_size), 4)
+        self.kernels = kernels
         self._forward = partial(_jitted_forward, cfg=cfg, kernels=kernels)
         self._last_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the latest dispatched step's samples
         self._dispatched = 0
@@ -92,29 +93,33 @@ class ModelRunner:
         return [(t, p, lora) for t in self.token_buckets for p in self.page_buckets for lora in (False, True)]
 
     def warmup(self) -> None:
-        """Compile (or fetch from the process cache) every batch shape and sampler variant, so no
-        request ever waits for a compile. The batches write nothing (every slot is -1)."""
+        """Compile every batch shape and sampler variant ahead of time (lower + compile, nothing
+        runs: executing the largest shapes on CPU would cost more than compiling them). The
+        executables land in the persistent compilation cache, so a request's first use of a
+        shape only traces and loads it: no request ever waits for an XLA compile."""
         start = time.perf_counter()
-        before = compiled_variants()
+        before = backend_compiles()
         for tokens, pages, lora in self.shape_variants():
             batch = llama.Batch(*(np.zeros(tokens, np.int32) for _ in range(3)), np.full(tokens, -1, np.int32),
                                 np.zeros((self.max_num_seqs, pages), np.int32), np.full(tokens, -1, np.int32),
                                 np.zeros(self.max_num_seqs, np.int32), np.full(tokens, -1, np.int32),
                                 np.zeros(tokens, np.int32))
             tables = self.adapters.batch_tables([], self.max_loras) if lora else None
-            logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, batch,
-                                                           self._last_tokens, lora=tables)
+            _jitted_forward.lower(self.params, self.device_pool.array, batch, self._last_tokens, cfg=self.cfg,
+                                  kernels=self.kernels, lora=tables).compile()
         n = self.max_num_seqs
+        logits = jax.ShapeDtypeStruct((n, self.cfg.vocab_size), jnp.float32)
         for num_logprobs in (0, MAX_LOGPROBS):
             for use_filters in (False, True):
-                sample(logits, np.zeros(n, np.float32), np.full(n, -1, np.int32), np.ones(n, np.float32),
-                       np.zeros((n, 2), np.uint32), np.zeros(n, np.int32), num_logprobs=num_logprobs,
-                       use_filters=use_filters)
-        jax.block_until_ready(self.device_pool.array)
-        self.num_compiled = compiled_variants() - before
+                sample.lower(logits, np.zeros(n, np.float32), np.full(n, -1, np.int32), np.ones(n, np.float32),
+                             np.zeros((n, 2), np.uint32), np.zeros(n, np.int32), num_logprobs=num_logprobs,
+                             use_filters=use_filters).compile()
+        self.device_pool.warmup(self.adapters.max_adapter_pages())
+        self.num_compiled = backend_compiles() - before
         self.compile_seconds = time.perf_counter() - start
-        logger.info("warm-up: %d batch shapes + 4 sampler variants ready (%d newly compiled) in %.1f s",
-                    len(self.shape_variants()), self.num_compiled, self.compile_seconds)
+        logger.info("warm-up: %d batch shapes + 4 sampler variants ready (%d compiled, the rest from the "
+                    "compilation cache) in %.1f s", len(self.shape_variants()), self.num_compiled,
+                    self.compile_seconds)
 
     # ---- one step -------------------------------------------------------------------------
     def build_batch(self, chunks: list[Chunk], adapter_index: dict[str, int]) -> llama.Batch:
@@ -215,6 +220,18 @@ class ModelRunner:
         return self.collect(self.dispatch(chunks))
 
 
-def compiled_variants() -> int:
-    """Compiled variants held by the process-wide forward and sampler caches."""
-    return _jitted_forward._cache_size() + sample._cache_size()
+_backend_compiles = 0
+
+
+def _count_backend_compile(event: str, duration: float, **kwargs) -> None:
+    global _backend_compiles
+    if event == "/jax/core/compile/backend_compile_duration":
+        _backend_compiles += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_backend_compile)
+
+
+def backend_compiles() -> int:
+    """XLA compilations in this process so far (persistent-cache hits are not compilations)."""
+    return _backend_compiles

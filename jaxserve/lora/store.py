@@ -17,7 +17,7 @@ from collections import OrderedDict
 import numpy as np
 
 from jaxserve.config import LORA_MODULES, ModelConfig
-from jaxserve.lora.layout import (AdapterLayout, local_rows, pack_rows, plan_layout, pool_rows,
+from jaxserve.lora.layout import (AdapterLayout, chunks, local_rows, pack_rows, plan_layout, pool_rows,
                                   split_tables, table_layout)
 from jaxserve.lora.peft import PeftAdapter
 from jaxserve.lora.request import LoRARequest
@@ -98,6 +98,12 @@ class AdapterStore:
     # ---- residency ------------------------------------------------------------------------
     def is_resident(self, name: str) -> bool:
         return self._get(name).pages is not None
+
+    def max_adapter_pages(self) -> int:
+        """Pages of the largest adapter this store accepts: max_lora_rank on every module."""
+        rows = sum(self.max_lora_rank * (chunks(i, self.cfg.kv_size) + chunks(o, self.cfg.kv_size))
+                   for i, o in (self.cfg.module_shape(m) for m in self.modules))
+        return min(self.pool.num_pages, -(-rows // (2 * self.pool.page_size)))
 
     def pages_of(self, name: str) -> int:
         return self._get(name).layout.num_pages

@@ -31,6 +31,16 @@ class DevicePool:
     def nbytes(self) -> int:
         return self.array.nbytes
 
+    def warmup(self, max_pages: int) -> None:
+        """Compile the page write for every page-count bucket up to max_pages (no data moves)."""
+        n = 1
+        while True:
+            rows = jax.ShapeDtypeStruct((self.array.shape[0], 2, n, *self.array.shape[3:]), self.array.dtype)
+            _write_pages.lower(self.array, np.zeros(n, np.int32), rows).compile()
+            if n >= max_pages:
+                return
+            n *= 2
+
     def write_pages(self, pages: list[int], rows: np.ndarray) -> None:
         """Copy whole pages in (dispatched asynchronously). rows: [L, 2, len(pages), ps, W].
         The page count is padded to a power of two so few shapes compile."""
