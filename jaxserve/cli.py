@@ -64,8 +64,8 @@ def cmd_demo(args) -> int:
     cfg, runner = llm.model_config, llm.runner
     print(f"loaded {args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size} in {llm.load_time:.1f} s "
-          f"(of which warm-up {runner.compile_seconds:.1f} s: {len(runner.shape_variants())} batch shapes, "
-          f"{runner.num_compiled} compiled now, the rest from the compilation cache)")
+          f"(of which warm-up {runner.compile_seconds:.1f} s: {len(runner.shape_variants())} batch shapes "
+          f"compiled or loaded from the compilation cache)")
     with tempfile.TemporaryDirectory() as tmp:
         loras = {
             "demo-a": LoRARequest("demo-a", 1, str(write_random_adapter(

@@ -117,9 +117,9 @@ class ModelRunner:
         self.device_pool.warmup(self.adapters.max_adapter_pages())
         self.num_compiled = backend_compiles() - before
         self.compile_seconds = time.perf_counter() - start
-        logger.info("warm-up: %d batch shapes + 4 sampler variants ready (%d compiled, the rest from the "
-                    "compilation cache) in %.1f s", len(self.shape_variants()), self.num_compiled,
-                    self.compile_seconds)
+        logger.info("warm-up: %d batch shapes + 4 sampler variants + page writes ready (%d executables "
+                    "built or loaded from the compilation cache) in %.1f s", len(self.shape_variants()),
+                    self.num_compiled, self.compile_seconds)
 
     # ---- one step -------------------------------------------------------------------------
     def build_batch(self, chunks: list[Chunk], adapter_index: dict[str, int]) -> llama.Batch:
