@@ -216,9 +216,6 @@ class ModelRunner:
             results.append(SampledToken(seq, tokens[row], logprob[row], top))
         return results
 
-    def run(self, chunks: list[Chunk]) -> list[SampledToken]:
-        return self.collect(self.dispatch(chunks))
-
 
 _backend_compiles = 0
 
