@@ -117,6 +117,8 @@ class Engine:
         self._requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._inflight = None  # a dispatched step whose tokens are not processed yet
+        self._async_queues: dict[str, asyncio.Queue] = {}  # astream consumers by request id
+        self._stepper: asyncio.Task | None = None
         self._seed_rng = np.random.default_rng(config.seed)
         self._order = itertools.count()
         self._lock = threading.RLock()  # step() and add/abort from other threads (async serving)
@@ -526,7 +528,7 @@ class Engine:
         params = dataclasses.replace(sampling_params or SamplingParams(), output_kind="delta")
         queue: asyncio.Queue = asyncio.Queue()
         self.add_request(request_id, prompt, params, lora_request, client)  # raises on a duplicate id
-        self._queues()[str(request_id)] = queue  # no await in between: no output can be missed
+        self._async_queues[str(request_id)] = queue  # no await in between: no output can be missed
         self._ensure_stepper()
         try:
             while True:
@@ -537,21 +539,15 @@ class Engine:
                 if out.finished:
                     return
         finally:
-            if self._queues().pop(str(request_id), None) is not None:
+            if self._async_queues.pop(str(request_id), None) is not None:
                 self.abort(request_id)  # the consumer went away early
-
-    def _queues(self) -> dict:
-        if not hasattr(self, "_async_queues"):
-            self._async_queues: dict[str, asyncio.Queue] = {}
-            self._stepper: asyncio.Task | None = None
-        return self._async_queues
 
     def _ensure_stepper(self) -> None:
         if self._stepper is None or self._stepper.done():
             self._stepper = asyncio.get_running_loop().create_task(self._step_forever())
 
     async def _step_forever(self) -> None:
-        queues = self._queues()
+        queues = self._async_queues
         while queues and self.has_unfinished_requests():
             try:
                 outputs = await asyncio.to_thread(self.step)
