@@ -112,7 +112,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     num_pool_pages: int | None = None
     kernels: str = "reference"
-    scheduler: str = "fcfs"
+    scheduler: object = "fcfs"          # a name in jaxserve.sched.SCHEDULERS, or a Scheduler object
+    scheduler_options: dict | None = None  # e.g. {"weights": {"alice": 2}} for "vtc", {"rpm": 20} for "rpm"
     warmup: bool = True                 # compile every batch shape at start-up
     async_overlap: bool = True          # dispatch step N+1 before reading step N's tokens
 

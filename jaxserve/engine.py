@@ -43,10 +43,10 @@ from jaxserve.memory.kv_manager import KVManager
 from jaxserve.memory.pool import PagePool, page_bytes
 from jaxserve.model import weights
 from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from jaxserve.pallas.ops import get_ops
+from jaxserve.pallas.ops import check_backend
 from jaxserve.runner import Chunk, ModelRunner
 from jaxserve.sampling import SamplingParams
-from jaxserve.sched import make_scheduler
+from jaxserve.sched import Scheduler, make_scheduler
 from jaxserve.sequence import Sequence
 from jaxserve.tokenizer import Tokenizer
 
@@ -57,8 +57,9 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 def enable_compilation_cache() -> None:
     """Keep compiled XLA programs on disk (JAXSERVE_COMPILATION_CACHE, default
-    ~/.cache/jaxserve/xla; "off" disables), so every start-up after the first is fast."""
-    path = os.environ.get("JAXSERVE_COMPILATION_CACHE", str(weights.cache_dir() / "xla"))
+    ~/.cache/jaxserve/xla/jax-<version>; "off" disables), so every start-up after the first is
+    fast. One folder per jax version: two versions sharing a folder have crashed a cache read."""
+    path = os.environ.get("JAXSERVE_COMPILATION_CACHE", str(weights.cache_dir() / "xla" / f"jax-{jax.__version__}"))
     if path == "off" or jax.config.jax_compilation_cache_dir:
         return
     jax.config.update("jax_compilation_cache_dir", path)
@@ -96,7 +97,7 @@ class Engine:
         start = time.perf_counter()
         enable_compilation_cache()
         self.dtype = resolve_dtype(config.dtype)
-        get_ops(config.kernels)  # fail now, not at the first step, on an unknown kernel backend
+        check_backend(config.kernels)  # fail now, not at the first step
         self.model_config, params, self.tokenizer, max_model_len = self._load_model(config)
         cfg = self.model_config
         self.max_model_len = max_model_len
@@ -108,11 +109,13 @@ class Engine:
                     num_pages, config.page_size, self.device_pool.nbytes / 2**20, num_pages * config.page_size)
         self.adapters = AdapterStore(cfg, self.pool, self.device_pool, config.max_lora_rank, self.dtype,
                                      config.lora_modules)
-        self.kv = KVManager(self.pool, self.adapters, watermark_pages=max(1, num_pages // 100))
+        self.kv = KVManager(self.pool, self.adapters, watermark_pages=max(1, num_pages // 100),
+                            max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.pool.pages_for(max_model_len))
         self.runner = ModelRunner(cfg, params, self.device_pool, self.adapters, max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=max_model_len, max_loras=config.max_loras, kernels=config.kernels)
-        self.scheduler = make_scheduler(config.scheduler)
+        self.scheduler = (config.scheduler if isinstance(config.scheduler, Scheduler)
+                          else make_scheduler(config.scheduler, **(config.scheduler_options or {})))
         self.running: list[Sequence] = []
         self._requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
@@ -267,6 +270,8 @@ class Engine:
                        client=client or (lora_request.lora_name if lora_request else "default"),
                        arrival_time=now if arrival_time is None else arrival_time, order=next(self._order))
         seq.metrics = RequestMetrics(arrival_time=seq.arrival_time, num_prompt_tokens=len(ids))
+        if not params.ignore_eos and self.tokenizer is not None:
+            seq.stop_ids = seq.stop_ids | set(self.tokenizer.eos_token_ids)
         if self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
         return seq
@@ -290,6 +295,11 @@ class Engine:
                 raise ValueError(f"request_id {seq.request_id!r} is already in use")
             self._requests[seq.request_id] = seq
             self.scheduler.add(seq)
+            for rejected in getattr(self.scheduler, "drain_rejected", list)():  # (rpm with reject=True)
+                rejected.finish_reason = "abort"
+                rejected.stop_reason = f"rejected by the {self.scheduler.name} scheduler"
+                rejected.metrics.finished_time = time.monotonic()
+                self._aborted.append(rejected)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request: its pages are freed now; the next step() reports it finished with
@@ -314,6 +324,10 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.running or len(self.scheduler) or self._aborted or self._inflight is not None)
 
+    def waiting_clients(self) -> set[str]:
+        """Clients with requests waiting for admission (new or preempted)."""
+        return {s.client for s in self._requests.values() if s.slot < 0 and not s.finished}
+
     def num_unfinished_requests(self) -> int:
         return len(self.running) + len(self.scheduler)
 
@@ -327,15 +341,18 @@ class Engine:
             previous, self._inflight = self._inflight, None
             dispatched = None
             try:
-                self._grow_decoders()
-                self._admit()
-                chunks = self._schedule()
-                dispatched = self.runner.dispatch(chunks) if chunks else None
+                decode = self._decoders()
+                admitted_from = len(self.running)
+                self._admit(len(decode))
+                # A newly admitted one-token prompt (or remainder) decodes right away.
+                decode += [s for s in self.running[admitted_from:] if s.num_tokens - s.num_computed_tokens == 1]
+                prefill = self._prefill_chunks(self.config.max_num_batched_tokens - len(decode))
+                dispatched = (self.runner.dispatch(decode, prefill, self.kv.block_table, self.kv.slot_pages)
+                              if decode or prefill else None)
             except BaseException:
                 self._inflight = previous  # nothing new is on the device: keep the old step's tokens
                 raise
-            for c in chunks:
-                self._account(c)
+            self._account(decode, prefill)
             if self.config.async_overlap:
                 self._inflight, to_process = dispatched, previous
             else:
@@ -346,47 +363,89 @@ class Engine:
             self._aborted = []
             if to_process is not None:
                 outputs += self._process(to_process)
+            elif dispatched is None and not self.running and len(self.scheduler):
+                self._wait_for_scheduler()
             device = self.runner.device_time - device_before
             self.stats.device_seconds += device
             self.stats.host_seconds += time.perf_counter() - start - device
             return outputs
 
+    def _wait_for_scheduler(self) -> None:
+        """Requests wait but the policy holds them all back (an rpm limit): sleep until the
+        first may go (at most 0.1 s, so new arrivals are seen) instead of spinning."""
+        wakeup = getattr(self.scheduler, "next_wakeup", lambda: None)()
+        if wakeup is not None:
+            time.sleep(min(0.1, max(0.0, wakeup - time.monotonic())))
+
     def _process(self, inflight) -> list[RequestOutput]:
-        """Read a dispatched step's tokens; append, stop-check, finish, and report."""
-        sampled = self.runner.collect(inflight)
+        """Read a dispatched step's tokens; append, stop-check, finish, and report. This loop
+        runs for every sampled token: it is kept flat (no per-token calls in the common case)."""
+        tokens, logprobs, tops = self.runner.collect(inflight)
         now = time.monotonic()
-        ended = []
-        for s in sampled:
-            if s.seq.finished:  # aborted, or finished by the step before: the token is surplus
+        step_id = inflight.step_id
+        charge = self.scheduler.charge
+        ended, report, appended = [], [], 0
+        for seq, token, logprob, top in zip(inflight.sampling, tokens, logprobs, tops):
+            if seq.pending_step == step_id:  # (a later dispatch may have set a newer pending row)
+                seq.pending_row = -1
+            if seq.finish_reason is not None:  # aborted, or finished by the step before: surplus
                 continue
-            self._append(s.seq, s.token, s.logprob, s.top, now)
-            self.stats.tokens += 1
-            if s.seq.finished:
-                ended.append(s.seq)
+            out = seq.output_token_ids
+            if not out:
+                seq.metrics.first_token_time = now
+            out.append(token)
+            appended += 1
+            seq.num_tokens += 1
+            seq.last_token = token
+            seq.cumulative_logprob += logprob
+            if top is not None:
+                seq.output_logprobs.append(top)
+            charge(seq, 0, 1)
+            if token in seq.stop_ids:
+                seq.finish_reason = "stop"
+                if token in seq.params.stop_token_ids:
+                    seq.stop_reason = token
+            elif len(out) >= seq.max_tokens:
+                seq.finish_reason = "length"
+            if seq.output_kind != "final_only" or seq.params.stop:
+                stop = seq.detokenizer.add(out) if seq.detokenizer is not None else None
+                if stop is not None:
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+            if seq.finish_reason is not None:
+                ended.append(seq)
+            elif seq.output_kind != "final_only":
+                report.append(seq)
+        self.stats.tokens += appended
         for seq in ended:
             self._finish(seq, now)
         self.stats.steps += 1
         outputs = []
-        for c in inflight.chunks:
-            if c.wants_token and (c.seq in ended or not c.seq.finished):
-                out = self._maybe_output(c.seq)
-                if out is not None:
-                    outputs.append(out)
-        return outputs
+        for seq in report:
+            out = self._maybe_output(seq)
+            if out is not None:
+                outputs.append(out)
+        return outputs + [self._output(seq) for seq in ended]
 
-    def _grow_decoders(self) -> None:
-        """Each decoding sequence needs room for its next token; preempt (newest first) if not."""
-        page_size = self.pool.page_size
-        for seq in list(self.running):
-            if seq.num_known_tokens <= len(seq.page_table) * page_size:
-                continue  # the usual case: its last page has room (checked first: it is cheap)
-            if seq not in self.running or not seq.is_decoding or seq.will_finish_by_length:
-                continue
-            while not self.kv.grow(seq, seq.num_known_tokens):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
+    def _decoders(self) -> list[Sequence]:
+        """The running sequences whose next step processes one token (every token but the newest
+        is in the cache), in running order, each with room for that token: one whose last page
+        is full claims a page; when the pool has none, the newest running sequence is preempted.
+        A sequence whose pending token is its last (max_tokens) has nothing to schedule."""
+        decode, short = [], []
+        for seq in self.running:
+            known = seq.num_tokens + (seq.pending_row >= 0)
+            if known - seq.num_computed_tokens == 1:
+                if seq.pending_row >= 0 and len(seq.output_token_ids) + 1 >= seq.max_tokens:
+                    continue
+                decode.append(seq)
+                if known > seq.capacity:  # rare: its last page is full
+                    short.append(seq)
+        for seq in short:
+            while seq.slot >= 0 and not self.kv.grow(seq, seq.num_known_tokens):
+                self._preempt(self.running[-1])
+        if short:
+            decode = [s for s in decode if s.slot >= 0]  # drop the preempted
+        return decode
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -396,21 +455,21 @@ class Engine:
         self.num_preemptions += 1
         self.scheduler.requeue(seq)
 
-    def _admit(self) -> None:
-        budget = self.config.max_num_batched_tokens - sum(1 for s in self.running if s.is_decoding)
-        active = {s.lora_name for s in self.running if s.lora_name}
+    def _admit(self, num_decode: int) -> None:
+        budget = self.config.max_num_batched_tokens - num_decode
+        active = self.kv.running_loras
+        max_loras = self.config.max_loras
 
         def try_admit(seq: Sequence) -> bool:
             nonlocal budget
             name = seq.lora_name
-            if budget <= 0 or seq.pending or (name and name not in active and len(active) >= self.config.max_loras):
+            if budget <= 0 or seq.pending or (name and name not in active and len(active) >= max_loras):
                 return False  # (a preempted request whose last token is still on the device waits a step)
             if not self.kv.can_admit(seq, len(self.running)):
                 return False
             self.kv.admit(seq)
+            self.runner.bind(seq)
             self.running.append(seq)
-            if name:
-                active.add(name)
             budget -= seq.num_tokens - seq.num_computed_tokens
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = time.monotonic()
@@ -418,54 +477,39 @@ class Engine:
 
         self.scheduler.schedule(try_admit, self.config.max_num_seqs - len(self.running))
 
-    def _schedule(self) -> list[Chunk]:
-        """Decode tokens first (one each), then prefill chunks in admission order."""
-        chunks, budget = [], self.config.max_num_batched_tokens
-        for seq in self.running:
-            if seq.is_decoding and budget > 0 and not seq.will_finish_by_length:
-                chunks.append(Chunk(seq, seq.num_computed_tokens, 1, True))
-                budget -= 1
+    def _prefill_chunks(self, budget: int) -> list[Chunk]:
+        """Prefill chunks in admission order under the token budget left after decode tokens (a
+        long prompt is split across steps)."""
+        prefill = []
         for seq in self.running:
             remaining = seq.num_tokens - seq.num_computed_tokens
             if remaining > 1 and budget > 0:
                 length = min(remaining, budget)
-                chunks.append(Chunk(seq, seq.num_computed_tokens, length, length == remaining))
+                prefill.append(Chunk(seq, seq.num_computed_tokens, length, length == remaining))
                 budget -= length
-        return chunks
+        return prefill
 
-    def _account(self, chunk: Chunk) -> None:
+    def _account(self, decode: list[Sequence], prefill: list[Chunk]) -> None:
         """Advance the cache and charge the scheduler for what was processed; a preempted
-        request's recomputed tokens are not charged again (the client did not cause them)."""
-        seq = chunk.seq
-        end = seq.num_computed_tokens + chunk.length
-        prompt_len = len(seq.prompt_token_ids)
-        new_prefill = max(0, min(end, prompt_len) - seq.num_charged_prefill)
-        seq.num_charged_prefill += new_prefill
-        seq.num_computed_tokens = end
-        # A decode token is charged when sampled (in _append), so the last step is not charged twice.
-        if new_prefill:
-            self.scheduler.charge(seq, new_prefill, 0)
-
-    def _append(self, seq: Sequence, token: int, logprob: float, top: dict | None, now: float) -> None:
-        seq.append_token(token)
-        seq.cumulative_logprob += logprob
-        if top is not None:
-            seq.output_logprobs.append(top)
-        seq.metrics.num_output_tokens = len(seq.output_token_ids)
-        if seq.metrics.first_token_time is None:
-            seq.metrics.first_token_time = now
-        self.scheduler.charge(seq, 0, 1)
-        params = seq.params
-        if token in params.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", token
-        elif not params.ignore_eos and self.tokenizer is not None and token in self.tokenizer.eos_token_ids:
-            seq.finish_reason = "stop"
-        elif len(seq.output_token_ids) >= seq.max_tokens:
-            seq.finish_reason = "length"
-        if seq.detokenizer is not None and seq.detokenize_each_step:
-            stop = seq.detokenizer.add(seq.output_token_ids)
-            if stop is not None:
-                seq.finish_reason, seq.stop_reason = "stop", stop
+        request's recomputed tokens are not charged again (the client did not cause them). A
+        decode token is charged when sampled (in _process), so the last step is not charged twice."""
+        charge = self.scheduler.charge
+        for seq in decode:
+            pos = seq.num_computed_tokens
+            seq.num_computed_tokens = pos + 1
+            if pos < seq.num_prompt_tokens:  # a prompt's last token processed alone
+                new_prefill = pos + 1 - seq.num_charged_prefill
+                if new_prefill > 0:
+                    seq.num_charged_prefill = pos + 1
+                    charge(seq, new_prefill, 0)
+        for chunk in prefill:
+            seq = chunk.seq
+            end = seq.num_computed_tokens + chunk.length
+            new_prefill = max(0, min(end, seq.num_prompt_tokens) - seq.num_charged_prefill)
+            seq.num_charged_prefill += new_prefill
+            seq.num_computed_tokens = end
+            if new_prefill:
+                charge(seq, new_prefill, 0)
 
     def _finish(self, seq: Sequence, now: float) -> None:
         if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
@@ -489,6 +533,7 @@ class Engine:
         return self._output(seq)
 
     def _output(self, seq: Sequence) -> RequestOutput:
+        seq.metrics.num_output_tokens = len(seq.output_token_ids)
         text = seq.detokenizer.stable_text(seq.finished) if seq.detokenizer is not None else ""
         tokens, logprobs = seq.output_token_ids, seq.output_logprobs if seq.params.logprobs is not None else None
         if seq.params.output_kind == "delta":

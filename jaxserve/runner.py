@@ -14,22 +14,37 @@ import dataclasses
 import logging
 import time
 from functools import partial
+from operator import attrgetter
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig
+from jaxserve.lora.layout import split_tables
 from jaxserve.lora.store import AdapterStore
 from jaxserve.memory.device_pool import DevicePool
 from jaxserve.model import llama
-from jaxserve.sampling import MAX_LOGPROBS, sample
+from jaxserve.sampling import MAX_LOGPROBS, sample_packed
 from jaxserve.sequence import Sequence
 
 logger = logging.getLogger("jaxserve")
 
-# One jitted forward for the process: runners of the same model config share compiled variants.
-_jitted_forward = jax.jit(llama.forward, static_argnames=("cfg", "kernels"), donate_argnums=(1,))
+def _step_forward(params, pool, tokens, seqs, prev_tokens, lora_flat, lora_ranks, *, cfg: ModelConfig,
+                  kernels: str, lora_layout):
+    """llama.forward over a batch packed into few arrays — the host sends each array to the
+    device separately and each transfer costs tens of microseconds, so a step sends two int32
+    arrays (plus two for LoRA) instead of nine (plus 21): tokens [7, T] = token_ids, positions,
+    token_seq, slot_mapping, lora_ids, prev_rows, cached_lens; seqs [S, max_pages + 1] = page
+    tables with the logits index of row i in the last column."""
+    batch = llama.Batch(tokens[0], tokens[1], tokens[2], tokens[3], seqs[:, :-1], tokens[4], seqs[:, -1], tokens[5],
+                        tokens[6])
+    lora = split_tables(lora_flat, lora_ranks, lora_layout) if lora_flat is not None else None
+    return llama.forward(params, pool, batch, prev_tokens, cfg, lora, kernels)
+
+
+# One jitted step for the process: runners of the same model config share compiled variants.
+_jitted_forward = jax.jit(_step_forward, static_argnames=("cfg", "kernels", "lora_layout"), donate_argnums=(1,))
 
 
 @dataclasses.dataclass
@@ -43,19 +58,14 @@ class Chunk:
 
 @dataclasses.dataclass
 class InFlight:
-    """A dispatched step whose sampled tokens the host has not read yet."""
-    chunks: list[Chunk]
+    """A dispatched step whose sampled tokens the host has not read yet. Its logits rows follow
+    `sampling`: the decode sequences first, then the prefill chunks that sample."""
+    decode: list[Sequence]
+    prefill: list[Chunk]
     sampling: list[Sequence]
     arrays: tuple               # device arrays: tokens, token logprob, top ids, top logprobs
     step_id: int
-
-
-@dataclasses.dataclass
-class SampledToken:
-    seq: Sequence
-    token: int
-    logprob: float
-    top: dict[int, float] | None
+    wants_logprobs: bool        # some sampling sequence asked for logprobs
 
 
 def _geometric(low: int, high: int, factor: int) -> list[int]:
@@ -81,8 +91,15 @@ class ModelRunner:
         self.token_buckets = _geometric(16, max(16, max_num_batched_tokens), 4)
         self.page_buckets = _geometric(1, -(-max_model_len // self.page_size), 4)
         self.kernels = kernels
-        self._forward = partial(_jitted_forward, cfg=cfg, kernels=kernels)
+        self._forward = partial(_jitted_forward, cfg=cfg, kernels=kernels, lora_layout=adapters.tables)
         self._last_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the latest dispatched step's samples
+        # What a running sequence's slot keeps for its whole stay, so decode batches gather it by
+        # slot with vector operations: sampler inputs (sampling_row), prompt length, adapter uid.
+        self.slot_sampler = np.zeros((max_num_seqs, 6), np.float64)
+        self.slot_prompt_len = np.zeros(max_num_seqs, np.int64)
+        self.slot_adapter = np.full(max_num_seqs, -1, np.int64)
+        self._adapter_uids: dict[str, int] = {}
+        self._adapter_names: list[str] = []
         self._dispatched = 0
         self.device_time = 0.0
         self.num_compiled = 0
@@ -99,21 +116,17 @@ class ModelRunner:
         shape only traces and loads it: no request ever waits for an XLA compile."""
         start = time.perf_counter()
         before = backend_compiles()
-        for tokens, pages, lora in self.shape_variants():
-            batch = llama.Batch(*(np.zeros(tokens, np.int32) for _ in range(3)), np.full(tokens, -1, np.int32),
-                                np.zeros((self.max_num_seqs, pages), np.int32), np.full(tokens, -1, np.int32),
-                                np.zeros(self.max_num_seqs, np.int32), np.full(tokens, -1, np.int32),
-                                np.zeros(tokens, np.int32))
-            tables = self.adapters.batch_tables([], self.max_loras) if lora else None
-            _jitted_forward.lower(self.params, self.device_pool.array, batch, self._last_tokens, cfg=self.cfg,
-                                  kernels=self.kernels, lora=tables).compile()
         n = self.max_num_seqs
+        for tokens, pages, lora in self.shape_variants():
+            tables = self.adapters.stacked_tables([], self.max_loras) if lora else (None, None)
+            _jitted_forward.lower(self.params, self.device_pool.array, np.zeros((7, tokens), np.int32),
+                                  np.zeros((n, pages + 1), np.int32), self._last_tokens, *tables,
+                                  **self._forward.keywords).compile()
         logits = jax.ShapeDtypeStruct((n, self.cfg.vocab_size), jnp.float32)
         for num_logprobs in (0, MAX_LOGPROBS):
             for use_filters in (False, True):
-                sample.lower(logits, np.zeros(n, np.float32), np.full(n, -1, np.int32), np.ones(n, np.float32),
-                             np.zeros((n, 2), np.uint32), np.zeros(n, np.int32), num_logprobs=num_logprobs,
-                             use_filters=use_filters).compile()
+                sample_packed.lower(logits, np.zeros((n, 2), np.float32), np.zeros((n, 4), np.int32),
+                                    num_logprobs=num_logprobs, use_filters=use_filters).compile()
         self.device_pool.warmup(self.adapters.max_adapter_pages())
         self.num_compiled = backend_compiles() - before
         self.compile_seconds = time.perf_counter() - start
@@ -122,99 +135,118 @@ class ModelRunner:
                     self.num_compiled, self.compile_seconds)
 
     # ---- one step -------------------------------------------------------------------------
-    def build_batch(self, chunks: list[Chunk], adapter_index: dict[str, int]) -> llama.Batch:
-        """Padded numpy batch; logits rows follow the order of the chunks that sample."""
-        lengths = np.array([c.length for c in chunks])
-        num_tokens = _pick(self.token_buckets, int(lengths.sum()))
-        max_pages = _pick(self.page_buckets, max(len(c.seq.page_table) for c in chunks))
-        token_ids = np.zeros(num_tokens, np.int32)
-        positions = np.zeros(num_tokens, np.int32)
-        token_seq = np.zeros(num_tokens, np.int32)
-        slot_mapping = np.full(num_tokens, -1, np.int32)
-        lora_ids = np.full(num_tokens, -1, np.int32)
-        prev_rows = np.full(num_tokens, -1, np.int32)
-        cached_lens = np.zeros(num_tokens, np.int32)
-        page_tables = np.zeros((self.max_num_seqs, max_pages), np.int32)
-        logits_indices = np.zeros(self.max_num_seqs, np.int32)
-        num_sampling, offset, ps = 0, 0, self.page_size
-        for i, c in enumerate(chunks):
-            end = offset + c.length
-            table = c.seq.page_table
-            page_tables[i, :len(table)] = table
-            if c.length == 1:  # a decode token (or a 1-token chunk): scalar writes beat slices
-                pos, prompt_len = c.start, len(c.seq.prompt_token_ids)
-                if c.seq.pending_row >= 0:  # sampled by the step in flight: the device has it
-                    prev_rows[offset] = c.seq.pending_row
-                else:
-                    token_ids[offset] = (c.seq.prompt_token_ids[pos] if pos < prompt_len
-                                         else c.seq.output_token_ids[pos - prompt_len])
-                positions[offset] = pos
-                slot_mapping[offset] = table[pos // ps] * ps + pos % ps
-            else:
-                pos = np.arange(c.start, c.start + c.length)
-                token_ids[offset:end] = c.seq.all_token_ids[c.start:c.start + c.length]
-                positions[offset:end] = pos
-                slot_mapping[offset:end] = page_tables[i, pos // ps] * ps + pos % ps
-            token_seq[offset:end] = i
+    def bind(self, seq: Sequence) -> None:
+        """A sequence was admitted into seq.slot: record what its slot keeps while it runs."""
+        self.slot_sampler[seq.slot] = seq.sampling_row
+        self.slot_prompt_len[seq.slot] = seq.num_prompt_tokens
+        name = seq.lora_name
+        if name is not None and name not in self._adapter_uids:
+            self._adapter_uids[name] = len(self._adapter_names)
+            self._adapter_names.append(name)
+        self.slot_adapter[seq.slot] = -1 if name is None else self._adapter_uids[name]
+
+    def build_batch(self, decode: list[Sequence], prefill: list[Chunk], block_table: np.ndarray,
+                    slot_pages: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        """The padded batch, packed as _step_forward takes it: tokens [7, T], seqs [S, pages + 1]
+        (rows of page tables are block-table slots), plus the sampler's rows [S, 7] (temperature,
+        top_p, top_k, seed low, seed high, logprobs wanted or -1, step) and the batch's active
+        adapters (their order gives lora_ids). Decode tokens come first, built with vector
+        operations; then prefill chunks."""
+        k = len(decode)
+        # The four per-step values of each decode sequence, gathered once; the rest comes from
+        # its slot. Everything below is vectorized.
+        slots, pos, prev, last = (np.fromiter(map(attrgetter(name), decode), np.int64, k)
+                                  for name in ("slot", "num_computed_tokens", "pending_row", "last_token"))
+        uids = self.slot_adapter[slots]
+        active = [self._adapter_names[u] for u in np.unique(uids[uids >= 0]).tolist()]
+        active += dict.fromkeys(c.seq.lora_name for c in prefill if c.seq.lora_name not in active
+                                and c.seq.lora_name is not None)
+        num_tokens = _pick(self.token_buckets, k + sum(c.length for c in prefill))
+        max_pages = _pick(self.page_buckets, max(int(slot_pages[slots].max(initial=1)),
+                                                 max((len(c.seq.page_table) for c in prefill), default=1)))
+        ps = self.page_size
+        seqs = np.zeros((self.max_num_seqs, max_pages + 1), np.int32)
+        seqs[:, :-1] = block_table[:, :max_pages]
+        logits_indices = seqs[:, -1]
+        tokens = np.zeros((7, num_tokens), np.int32)
+        token_ids, positions, token_seq, slot_mapping, lora_ids, prev_rows, cached_lens = tokens
+        slot_mapping[:] = lora_ids[:] = prev_rows[:] = -1  # padding: write nowhere, no adapter
+        token_ids[:k] = np.where(prev >= 0, 0, last)  # a pending token is read from the device
+        prev_rows[:k] = prev
+        positions[:k] = cached_lens[:k] = pos
+        token_seq[:k] = slots
+        slot_mapping[:k] = block_table[slots, pos // ps] * ps + pos % ps
+        if active:  # adapter uid -> its index among the batch's active adapters
+            lut = np.full(len(self._adapter_uids) + 1, -1, np.int64)
+            lut[[self._adapter_uids[name] for name in active]] = np.arange(len(active))
+            lora_ids[:k] = lut[uids]  # (uid -1 reads the last entry: -1)
+        logits_indices[:k] = np.arange(k)
+        sampler = np.zeros((self.max_num_seqs, 7), np.float64)
+        sampler[:, 1], sampler[:, 2], sampler[:, 5] = 1.0, -1, -1  # padding rows: greedy, no filters
+        sampler[:k, :6] = self.slot_sampler[slots]
+        sampler[:k, 6] = pos + 1 - self.slot_prompt_len[slots]  # = outputs so far, the pending one included
+        offset, num_sampling = k, k
+        for c in prefill:
+            seq, end = c.seq, offset + c.length
+            p = np.arange(c.start, c.start + c.length)
+            token_ids[offset:end] = (seq.prompt_token_ids + seq.output_token_ids)[c.start:c.start + c.length]
+            positions[offset:end] = p
+            token_seq[offset:end] = seq.slot
+            slot_mapping[offset:end] = block_table[seq.slot, p // ps] * ps + p % ps
             cached_lens[offset:end] = c.start
-            if c.seq.lora_request is not None:
-                lora_ids[offset:end] = adapter_index[c.seq.lora_request.lora_name]
-            offset = end
+            if seq.lora_name is not None:
+                lora_ids[offset:end] = active.index(seq.lora_name)
             if c.wants_token:
                 logits_indices[num_sampling] = end - 1
+                sampler[num_sampling] = seq.sampling_row + (len(seq.output_token_ids),)
                 num_sampling += 1
-        return llama.Batch(token_ids, positions, token_seq, slot_mapping, page_tables, lora_ids, logits_indices,
-                           prev_rows, cached_lens)
+            offset = end
+        return tokens, seqs, sampler, active
 
-    def dispatch(self, chunks: list[Chunk]) -> InFlight:
+    def dispatch(self, decode: list[Sequence], prefill: list[Chunk], block_table: np.ndarray,
+                 slot_pages: np.ndarray) -> InFlight:
         """Build the batch and enqueue forward + sampler on the device; returns at once. A
         decode token whose sequence has a token pending reads it from the previous dispatch."""
-        active = list(dict.fromkeys(c.seq.lora_name for c in chunks if c.seq.lora_name))
-        batch = self.build_batch(chunks, {name: i for i, name in enumerate(active)})
-        lora = self.adapters.batch_tables(active, self.max_loras) if active else None
-        sampling = [c.seq for c in chunks if c.wants_token]
-        logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, batch,
-                                                       self._last_tokens, lora=lora)
-        n, k = self.max_num_seqs, len(sampling)
-        # One row per sampling sequence: temperature, top_p, top_k, seed low/high, step; padded
-        # rows are greedy. Built as one array, then split: cheaper than five per-field loops.
-        rows = np.zeros((n, 6), np.float64)
-        rows[:, 1], rows[:, 2] = 1.0, -1
-        if k:
-            rows[:k] = np.array([s.sampling_row + (len(s.output_token_ids) + (s.pending_row >= 0),)
-                                 for s in sampling], np.float64)
-        temperature, top_p = rows[:, 0].astype(np.float32), rows[:, 1].astype(np.float32)
-        top_k, steps = rows[:, 2].astype(np.int32), rows[:, 5].astype(np.int32)
-        seeds = rows[:, 3:5].astype(np.uint32)
-        wanted = max((s.params.logprobs or 0) for s in sampling) if k else 0
-        num_logprobs = MAX_LOGPROBS if wanted else 0  # one compiled variant serves every N
-        use_filters = bool(((top_k > 0) | (top_p < 1.0)).any())
-        arrays = sample(logits, temperature, top_k, top_p, seeds, steps, num_logprobs=num_logprobs,
-                        use_filters=use_filters)
+        tokens, seqs, rows, active = self.build_batch(decode, prefill, block_table, slot_pages)
+        lora = self.adapters.stacked_tables(active, self.max_loras) if active else (None, None)
+        # Everything the sampler needs is ready before the forward is enqueued: once it runs, the
+        # device's threads compete with this one for the cores (on CPU), so forward and sampler
+        # go out back to back.
+        wanted = rows[:, 5].max()
+        ints = np.empty((self.max_num_seqs, 4), np.int32)
+        ints[:, 0], ints[:, 3] = rows[:, 2], rows[:, 6]
+        ints[:, 1:3] = rows[:, 3:5].astype(np.uint32).view(np.int32)
+        floats = rows[:, :2].astype(np.float32)
+        num_logprobs = MAX_LOGPROBS if wanted > 0 else 0  # one compiled variant serves every N
+        use_filters = bool(((rows[:, 2] > 0) | (rows[:, 1] < 1.0)).any())
+        logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, tokens, seqs,
+                                                       self._last_tokens, *lora)
+        arrays = sample_packed(logits, floats, ints, num_logprobs=num_logprobs, use_filters=use_filters)
         self._last_tokens = arrays[0]
         self._dispatched += 1
-        for row, seq in enumerate(sampling):
-            seq.pending_row, seq.pending_step = row, self._dispatched
-        return InFlight(chunks, sampling, arrays, self._dispatched)
+        step = self._dispatched
+        sampling = decode + [c.seq for c in prefill if c.wants_token]
+        for row, seq in enumerate(sampling):  # (only once the dispatch went through)
+            seq.pending_row = row
+            seq.pending_step = step
+        return InFlight(decode, prefill, sampling, arrays, step, wanted >= 0)
 
-    def collect(self, inflight: InFlight) -> list[SampledToken]:
-        """Wait for a dispatched step's tokens (the wait counts as device time) and clear the
-        sequences' pending marks (unless a later dispatch already set a new one)."""
+    def collect(self, inflight: InFlight) -> tuple[list[int], list[float], list[dict | None]]:
+        """Wait for a dispatched step's tokens (the wait counts as device time): per sampling
+        row its token, logprob and top-N dict (None where the request asked for no logprobs)."""
         start = time.perf_counter()
         tokens, logprob, top_ids, top_lp = jax.device_get(inflight.arrays)
         self.device_time += time.perf_counter() - start
         tokens, logprob = tokens.tolist(), logprob.tolist()  # python scalars, once: cheaper per row
-        results = []
-        for row, seq in enumerate(inflight.sampling):
-            if seq.pending_step == inflight.step_id:
-                seq.pending_row = -1
-            top = None
-            if seq.params.logprobs is not None:
+        tops: list[dict | None] = [None] * len(inflight.sampling)
+        if inflight.wants_logprobs:
+            for row, seq in enumerate(inflight.sampling):
                 m = seq.params.logprobs
-                top = dict(zip(top_ids[row, :m].tolist(), top_lp[row, :m].tolist()))
-                top[tokens[row]] = logprob[row]
-            results.append(SampledToken(seq, tokens[row], logprob[row], top))
-        return results
+                if m is not None:
+                    top = dict(zip(top_ids[row, :m].tolist(), top_lp[row, :m].tolist()))
+                    top[tokens[row]] = logprob[row]
+                    tops[row] = top
+        return tokens, logprob, tops
 
 
 _backend_compiles = 0

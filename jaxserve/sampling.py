@@ -103,3 +103,14 @@ def sample(logits, temperature, top_k, top_p, seeds, steps, num_logprobs: int = 
     token_logprob = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = jax.lax.top_k(logprobs, num_logprobs)
     return tokens, token_logprob, top_ids, top_logprobs
+
+
+@partial(jax.jit, static_argnames=("num_logprobs", "use_filters"))
+def sample_packed(logits, floats, ints, num_logprobs: int = 0, use_filters: bool = True):
+    """`sample` with its per-row inputs packed into two arrays, so a step sends two small arrays
+    to the device instead of five (each transfer costs tens of microseconds on the host):
+    floats [N, 2] = temperature, top_p; ints [N, 4] int32 = top_k, seed low, seed high (the
+    uint32 halves' bits), step."""
+    seeds = jax.lax.bitcast_convert_type(ints[:, 1:3], jnp.uint32)
+    return sample(logits, floats[:, 0], ints[:, 0], floats[:, 1], seeds, ints[:, 3], num_logprobs=num_logprobs,
+                  use_filters=use_filters)

@@ -24,6 +24,8 @@ class Sequence:
     output_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     cumulative_logprob: float = 0.0
     page_table: list[int] = dataclasses.field(default_factory=list)
+    slot: int = -1                             # its row of the block table while running, else -1
+    capacity: int = 0                          # tokens its pages hold (len(page_table) * page_size)
     num_computed_tokens: int = 0               # tokens whose KV is in the cache
     num_charged_prefill: int = 0               # prompt tokens already charged to the scheduler
     pending_row: int = -1                      # row of its token in the step in flight, -1: none
@@ -39,31 +41,31 @@ class Sequence:
     def __post_init__(self):
         # Kept as a plain attribute (updated by append_token): the engine reads it per sequence
         # per step, where a property chain is measurably slower.
-        self.num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
+        # Plain attributes rather than properties for the same reason.
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.num_tokens = self.num_prompt_tokens + len(self.output_token_ids)
+        self.last_token = (self.output_token_ids or self.prompt_token_ids)[-1]
+        self.lora_name = self.lora_request.lora_name if self.lora_request else None
         p = self.params  # the sampler's per-request inputs, fixed for the request's life
-        self.sampling_row = (p.temperature, p.top_p, p.top_k, self.seed & 0xFFFFFFFF, self.seed >> 32)
+        self.sampling_row = (p.temperature, p.top_p, p.top_k, self.seed & 0xFFFFFFFF, self.seed >> 32,
+                             p.logprobs if p.logprobs is not None else -1)
+        self.output_kind = p.output_kind
+        # Tokens that end the request when sampled: its stop_token_ids, plus EOS unless ignore_eos
+        # (the engine adds the tokenizer's EOS ids).
+        self.stop_ids = frozenset(p.stop_token_ids)
 
     def append_token(self, token: int) -> None:
         self.output_token_ids.append(token)
         self.num_tokens += 1
+        self.last_token = token
 
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
-    def lora_name(self) -> str | None:
-        return self.lora_request.lora_name if self.lora_request else None
-
-    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-    @property
-    def detokenize_each_step(self) -> bool:
-        """Text is needed before the end only for stop strings or streamed/cumulative outputs;
-        otherwise the detokenizer decodes everything once, at the finish."""
-        return bool(self.params.stop) or self.params.output_kind != "final_only"
 
     @property
     def pending(self) -> bool:
@@ -74,13 +76,3 @@ class Sequence:
     def num_known_tokens(self) -> int:
         """Tokens including one still on the device."""
         return self.num_tokens + (self.pending_row >= 0)
-
-    @property
-    def is_decoding(self) -> bool:
-        """All but the newest token are in the cache: the next step processes one token."""
-        return self.num_tokens + (self.pending_row >= 0) - self.num_computed_tokens == 1
-
-    @property
-    def will_finish_by_length(self) -> bool:
-        """Its pending token is its last (max_tokens): schedule nothing more for it."""
-        return self.pending and len(self.output_token_ids) + 1 >= self.max_tokens

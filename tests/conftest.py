@@ -26,3 +26,16 @@ def tiny_llm():
 def lora_request(name: str):
     from jaxserve import LoRARequest
     return LoRARequest(name, ADAPTERS.index(name) + 1, str(TINY / "adapters" / name))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. Each loaded XLA executable holds
+    memory mappings (an Engine's ~45 programs: ~4,000), and a process has at most
+    vm.max_map_count (65,530) of them: the whole suite in one process would cross it and crash
+    inside XLA. Programs still needed come back from the persistent compilation cache."""
+    yield
+    import gc
+    import jax
+    jax.clear_caches()
+    gc.collect()

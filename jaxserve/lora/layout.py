@@ -73,6 +73,10 @@ class TableLayout:
     slices: dict[str, tuple[slice, tuple[int, int], slice, tuple[int, int]]]
     size: int
 
+    def __hash__(self):  # a static argument of the jitted step (slices are unhashable before 3.12)
+        return hash((self.max_rank, self.size, tuple((m, a.start, a.stop, sa, b.start, b.stop, sb)
+                                                       for m, (a, sa, b, sb) in self.slices.items())))
+
 
 def table_layout(cfg: ModelConfig, max_rank: int, modules=LORA_MODULES) -> TableLayout:
     slices, at = {}, 0
@@ -111,7 +115,9 @@ def pool_rows(local: np.ndarray, pages: list[int], num_pool_pages: int, page_siz
 
 def split_tables(flat: np.ndarray, ranks: np.ndarray, tables: TableLayout) -> dict:
     """Stacked [n, size] pool-row ids and [n, M] ranks -> the LoRA op's per-module tables
-    {module: {"a_rows": [n, R, ca], "b_rows": [n, R, cb], "rank": [n]}} (views, no copies)."""
+    {module: {"a_rows": [n, R, ca], "b_rows": [n, R, cb], "rank": [n]}} (views, no copies).
+    Works on numpy and on traced arrays: the runner splits inside the jitted step, so a batch
+    sends two arrays to the device instead of three per module."""
     n = flat.shape[0]
     return {module: {"a_rows": flat[:, a].reshape(n, *a_shape), "b_rows": flat[:, b].reshape(n, *b_shape),
                      "rank": ranks[:, i]}

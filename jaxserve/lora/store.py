@@ -178,12 +178,16 @@ class AdapterStore:
     # ---- for the forward ------------------------------------------------------------------
     def batch_tables(self, names: list[str], bucket: int) -> dict:
         """The LoRA op's tables for the active adapters, padded to `bucket` with rank-0 rows."""
+        return split_tables(*self.stacked_tables(names, bucket), self.tables)
+
+    def stacked_tables(self, names: list[str], bucket: int) -> tuple[np.ndarray, np.ndarray]:
+        """The same tables unsplit: pool-row ids [bucket, tables.size] and ranks [bucket, M]."""
         flat = np.zeros((bucket, self.tables.size), np.int32)
         ranks = np.zeros((bucket, len(self.modules)), np.int32)
         if names:
             flat[:len(names)] = [self._adapters[n].table for n in names]
             ranks[:len(names)] = [self._adapters[n].ranks for n in names]
-        return split_tables(flat, ranks, self.tables)
+        return flat, ranks
 
     def host_bytes(self) -> int:
         return sum(s.rows.nbytes for s in self._adapters.values())

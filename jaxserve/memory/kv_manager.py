@@ -5,8 +5,14 @@ before a preemption) and pins its adapter (loading it, evicting unused adapters 
 Decoding then grows the page table one page at a time; when the pool cannot supply a page the
 engine preempts. Admission keeps a small watermark of pages free so that the sequences already
 running can grow a while before anyone must be preempted.
+
+Each running sequence also holds a slot: a row of `block_table`, the numpy mirror of every running
+sequence's page table, so the runner builds a batch's page tables and slot mapping with a few
+vector operations instead of a copy per sequence.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from jaxserve.lora.store import AdapterStore
 from jaxserve.memory.pool import KV, PagePool
@@ -14,8 +20,13 @@ from jaxserve.sequence import Sequence
 
 
 class KVManager:
-    def __init__(self, pool: PagePool, adapters: AdapterStore, watermark_pages: int):
+    def __init__(self, pool: PagePool, adapters: AdapterStore, watermark_pages: int, max_num_seqs: int,
+                 max_pages_per_seq: int):
         self.pool, self.adapters, self.watermark = pool, adapters, watermark_pages
+        self.block_table = np.zeros((max_num_seqs, max_pages_per_seq), np.int32)
+        self.slot_pages = np.zeros(max_num_seqs, np.int32)  # pages in each slot's row
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self.running_loras: dict[str, int] = {}  # adapter -> running sequences using it
 
     def _available(self, keep: str | None) -> int:
         return self.pool.num_free + self.adapters.reclaimable_pages(keep=keep)
@@ -39,6 +50,12 @@ class KVManager:
             if name:
                 self.adapters.release(name)
             raise
+        seq.slot = self._free_slots.pop()
+        self.block_table[seq.slot, :len(seq.page_table)] = seq.page_table
+        self.slot_pages[seq.slot] = len(seq.page_table)
+        seq.capacity = len(seq.page_table) * self.pool.page_size
+        if name:
+            self.running_loras[name] = self.running_loras.get(name, 0) + 1
 
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Make the page table cover num_tokens; False (nothing changed) if the pool cannot."""
@@ -48,11 +65,23 @@ class KVManager:
         if need > self._available(None):
             return False
         self.adapters.make_room(need)
+        have = len(seq.page_table)
         seq.page_table.extend(self.pool.allocate(need, KV, seq.request_id))
+        self.block_table[seq.slot, have:have + need] = seq.page_table[have:]
+        self.slot_pages[seq.slot] = len(seq.page_table)
+        seq.capacity = len(seq.page_table) * self.pool.page_size
         return True
 
     def release(self, seq: Sequence) -> None:
         self.pool.free(seq.page_table, KV, seq.request_id)
         seq.page_table = []
-        if seq.lora_name:
-            self.adapters.release(seq.lora_name)
+        seq.capacity = 0
+        self._free_slots.append(seq.slot)
+        seq.slot = -1
+        name = seq.lora_name
+        if name:
+            self.adapters.release(name)
+            if self.running_loras[name] == 1:
+                del self.running_loras[name]
+            else:
+                self.running_loras[name] -= 1
