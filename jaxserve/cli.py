@@ -1,4 +1,4 @@
-"""`jaxserve` command line: generate, demo."""
+"""`jaxserve` command line: generate, demo, bench, fairness."""
 from __future__ import annotations
 
 import argparse
@@ -88,7 +88,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-BENCHMARKS = ("adapters", "engine")
+BENCHMARKS = ("adapters", "engine", "kernels")
 
 
 def cmd_bench(args) -> int:
@@ -125,6 +125,10 @@ def main(argv=None) -> int:
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+    from jaxserve.sched import fairness_run
+    fair = sub.add_parser("fairness", help="per-client fairness of schedulers on a workload (simulator or engine)")
+    fairness_run.add_arguments(fair)
+    fair.set_defaults(func=fairness_run.main)
     args = parser.parse_args(argv)
     return args.func(args)
 

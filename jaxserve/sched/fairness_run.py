@@ -1,0 +1,161 @@
+"""`jaxserve fairness`: run a workload under one or more schedulers — in the simulator or through
+the real engine — and write summary.json plus plots.
+
+    jaxserve fairness --suite overload --scheduler vtc,fcfs,lcf --simulate --out out/overload
+    jaxserve fairness --workload ../shared/data/vtc_real_trace.jsonl --scheduler vtc --simulate --out out/real
+    jaxserve fairness --suite overload --scheduler vtc,fcfs --model tiny --duration 20 \\
+        --length-scale 0.0625 --step-seconds 0.05 --out out/real-engine
+
+summary.json holds, per scheduler: service per client (w_p * input + w_q * output tokens
+processed, divided by the weights given), the maximum / average service difference between
+clients while both are backlogged, the theorem's bound 2U, throughput, first-token latency
+percentiles per client, and, for the real trace, the VTC artifact's per-window metric.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jaxserve.sched import make_scheduler
+from jaxserve.sched import metrics as M
+from jaxserve.sched import workloads
+from jaxserve.sched.sim import SimConfig, simulate
+
+TINY_MODEL = Path(__file__).resolve().parent.parent.parent / "tests" / "fixtures" / "tiny-llama"
+
+
+def parse_weights(text: str | None) -> dict[str, float]:
+    """'client0=1,client1=2' -> {"client0": 1.0, "client1": 2.0}."""
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip() or out[name.strip()] <= 0:
+            raise ValueError(f"--weights item {item!r} is invalid; allowed: CLIENT=WEIGHT with WEIGHT > 0")
+    return out
+
+
+def scheduler_options(name: str, weights: dict, rpm: int | None) -> dict:
+    if name == "rpm":
+        return {"rpm": rpm or 20}
+    if name in ("vtc", "vtc-predict", "lcf") and weights:
+        return {"weights": weights}
+    return {}
+
+
+def load_workload(args) -> list[workloads.Request]:
+    if bool(args.suite) == bool(args.workload):
+        raise ValueError("give exactly one of --suite NAME or --workload FILE.jsonl")
+    if args.suite:
+        return workloads.generate(args.suite, duration=args.duration, seed=args.seed)
+    reqs = workloads.load(args.workload)
+    if args.duration is not None:
+        reqs = [r for r in reqs if r.arrival < args.duration]
+    return reqs
+
+
+def run_one(name: str, reqs, args, weights: dict):
+    sched = make_scheduler(name, **scheduler_options(name, weights, args.rpm))
+    if args.simulate:
+        config = SimConfig(kv_capacity=args.kv_capacity, max_num_seqs=args.max_num_seqs,
+                           max_num_batched_tokens=args.max_num_batched_tokens)
+        return simulate(reqs, sched, config)
+    from jaxserve.engine import Engine
+    from jaxserve.sched.replay import replay
+    model = str(TINY_MODEL) if args.model == "tiny" else args.model
+    engine = Engine(model=model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                    max_num_batched_tokens=args.max_num_batched_tokens, scheduler=sched,
+                    num_pool_pages=args.pool_pages, seed=args.seed)
+    return replay(engine, reqs, step_seconds=args.step_seconds, speedup=args.speedup,
+                  length_scale=args.length_scale, seed=args.seed)
+
+
+def describe(result, reqs, weights: dict, w_p: float = 1.0, w_q: float = 2.0) -> dict:
+    diff = M.backlogged_difference(result, w_p, w_q, weights)
+    max_input = max((r.input_len for r in result.requests), default=0)
+    out = {"scheduler": result.scheduler,
+           "service_per_client": M.service_by_client(result, w_p, w_q, weights),
+           "max_backlogged_difference": diff["max"], "avg_backlogged_difference": diff["avg"],
+           "backlogged_seconds": diff["backlogged_time"],
+           # M, the most tokens a running batch holds, is the KV capacity
+           "bound_2U": M.vtc_bound(w_p, w_q, max_input, result.config.kv_capacity),
+           "throughput_tokens_per_s": result.throughput(), "duration_s": result.end_time,
+           "requests": len(result.requests), "finished": sum(r.finish is not None for r in result.requests),
+           "rejected": sum(r.rejected for r in result.requests), "preemptions": result.num_preemptions,
+           "first_token_latency": M.first_token_latency(result), "wall_seconds": result.wall_seconds}
+    if len({r.client for r in reqs}) > 2 and result.end_time >= 120:  # the real trace's table metric
+        art = M.artifact_service_difference(result, T=result.end_time)
+        out["artifact_window_difference"] = {"max": art["max"], "avg": art["avg"], "throughput": art["throughput"]}
+    return out
+
+
+def run(args) -> dict:
+    reqs = load_workload(args)
+    weights = parse_weights(args.weights) or workloads.weights_of(reqs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, summary = [], {"workload": args.suite or str(args.workload), "requests": len(reqs),
+                            "mode": "simulator" if args.simulate else f"engine ({args.model})",
+                            "weights": weights, "schedulers": {}}
+    for name in args.scheduler.split(","):
+        result = run_one(name.strip(), reqs, args, weights)
+        results.append(result)
+        summary["schedulers"][name.strip()] = describe(result, reqs, weights)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    try:
+        from jaxserve.sched.plots import plot_compare, plot_run
+        for name, result in zip(summary["schedulers"], results):
+            plot_run(result, out / f"{name}.png", weights=weights)
+        if len(results) > 1:
+            plot_compare(results, out / "compare.png", weights=weights, title=summary["workload"])
+    except ImportError:  # matplotlib is a declared dependency; a stripped install still gets the numbers
+        print("matplotlib is not installed: no plots")
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    print(f"workload {summary['workload']}: {summary['requests']} requests, {summary['mode']}")
+    print(f"{'scheduler':>12} | {'max diff':>10} {'avg diff':>10} {'bound 2U':>10} | {'tok/s':>9} | "
+          f"{'TTFT p50':>8} {'p99':>8} | {'finished':>8}")
+    for name, s in summary["schedulers"].items():
+        lat = s["first_token_latency"].get("all", {})
+        print(f"{name:>12} | {s['max_backlogged_difference']:>10.1f} {s['avg_backlogged_difference']:>10.1f} "
+              f"{s['bound_2U']:>10.0f} | {s['throughput_tokens_per_s']:>9.1f} | {lat.get('p50', float('nan')):>8.2f} "
+              f"{lat.get('p99', float('nan')):>8.2f} | {s['finished']:>8}")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--suite", choices=sorted(workloads.SUITES), help="a generated workload of the VTC paper")
+    p.add_argument("--workload", help="a JSONL workload file (client, arrival, input_len, output_len)")
+    p.add_argument("--scheduler", default="vtc,fcfs,lcf", help="one or more of fcfs, vtc, vtc-predict, lcf, rpm")
+    p.add_argument("--weights", help="CLIENT=WEIGHT,... (default: the workload's own weights)")
+    p.add_argument("--rpm", type=int, help="requests per minute per client for --scheduler rpm (default 20)")
+    p.add_argument("--simulate", action="store_true", help="the simulator (seconds) instead of the real engine")
+    p.add_argument("--out", required=True, help="folder for summary.json and the plots")
+    p.add_argument("--duration", type=float, help="seconds of workload (suites: their own default)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--kv-capacity", type=int, default=10_000, help="simulator: KV cache tokens")
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--model", default="tiny", help="real engine: 'tiny' (the test fixture), 'smollm2' or a path")
+    p.add_argument("--max-model-len", type=int, default=128)
+    p.add_argument("--pool-pages", type=int, default=None, help="real engine: pool size in pages")
+    p.add_argument("--step-seconds", type=float, default=None,
+                   help="real engine: a virtual clock advancing this much per step (default: wall clock)")
+    p.add_argument("--speedup", type=float, default=1.0, help="real engine, wall clock: workload seconds per second")
+    p.add_argument("--length-scale", type=float, default=1.0, help="real engine: scale token lengths to fit the model")
+
+
+def main(args) -> int:
+    if args.max_num_seqs is None:
+        args.max_num_seqs = 256 if args.simulate else 32
+    if args.max_num_batched_tokens is None:
+        args.max_num_batched_tokens = 4096 if args.simulate else max(256, args.max_num_seqs)
+    print_table(run(args))
+    print(f"summary and plots in {args.out}")
+    return 0
