@@ -77,3 +77,34 @@ def test_fairness_command_in_the_simulator(tmp_path, capsys):
 def test_bad_weights_are_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="--weights item 'a=0' is invalid"):
         main(["fairness", "--suite", "overload", "--simulate", "--weights", "a=0", "--out", str(tmp_path)])
+
+
+def test_cost_model_fitted_from_the_engine_drives_the_simulator(tmp_path):
+    """A wall-clock engine run fits the step-cost model (least squares with an intercept: its
+    predictions add up to the measured time); the simulator then runs on it."""
+    workload = tmp_path / "w.jsonl"
+    workload.write_text("\n".join(json.dumps(r.to_json()) for r in overload(duration=1.5, rates=(6.0, 12.0))))
+    cost = tmp_path / "cost.json"
+    common = ["fairness", "--workload", str(workload), "--scheduler", "vtc", "--max-model-len", "32",
+              "--max-num-seqs", "4"]
+    assert main(common + ["--model", "tiny", "--speedup", "4", "--fit-cost-model", str(cost),
+                          "--out", str(tmp_path / "engine")]) == 0
+    from jaxserve.sched.sim import CostModel
+    fitted = CostModel(**json.loads(cost.read_text()))
+    summary = json.loads((tmp_path / "engine" / "summary.json").read_text())
+    assert summary["fitted_cost_model"] == json.loads(cost.read_text())
+    assert main(common + ["--simulate", "--cost-model", str(cost), "--out", str(tmp_path / "sim")]) == 0
+    sim = json.loads((tmp_path / "sim" / "summary.json").read_text())["schedulers"]["vtc"]
+    assert sim["finished"] == sim["requests"] == 27
+    assert fitted != CostModel()
+
+
+def test_fitted_cost_model_reproduces_the_measured_time():
+    from jaxserve.sched.fairness_run import fit_cost_model
+    engine = Engine(model=str(TINY), max_model_len=32, max_num_seqs=4, max_num_batched_tokens=32,
+                    scheduler=make_scheduler("vtc"), seed=0)
+    result = replay(engine, overload(duration=1.0, rates=(6.0, 12.0)), speedup=4.0)
+    steps = [st for st in result.steps if st.steps == 1]
+    model = fit_cost_model([result])
+    predicted = sum(model.step_time(st.prefill, st.decode, st.batch) for st in steps)
+    assert predicted == pytest.approx(sum(st.duration for st in steps), rel=1e-6)

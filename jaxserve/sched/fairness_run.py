@@ -6,6 +6,9 @@ the real engine — and write summary.json plus plots.
     jaxserve fairness --suite overload --scheduler vtc,fcfs --model tiny --duration 20 \\
         --length-scale 0.0625 --step-seconds 0.05 --out out/real-engine
 
+A real-engine run with `--fit-cost-model cost.json` fits the simulator's step-cost model to the
+engine's measured steps; `--simulate --cost-model cost.json` then simulates that engine.
+
 summary.json holds, per scheduler: service per client (w_p * input + w_q * output tokens
 processed, divided by the weights given), the maximum / average service difference between
 clients while both are backlogged, the theorem's bound 2U, throughput, first-token latency
@@ -13,13 +16,14 @@ percentiles per client, and, for the real trace, the VTC artifact's per-window m
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from jaxserve.sched import make_scheduler
 from jaxserve.sched import metrics as M
 from jaxserve.sched import workloads
-from jaxserve.sched.sim import SimConfig, simulate
+from jaxserve.sched.sim import CostModel, SimConfig, simulate
 
 TINY_MODEL = Path(__file__).resolve().parent.parent.parent / "tests" / "fixtures" / "tiny-llama"
 
@@ -40,9 +44,9 @@ def parse_weights(text: str | None) -> dict[str, float]:
     return out
 
 
-def scheduler_options(name: str, weights: dict, rpm: int | None) -> dict:
+def scheduler_options(name: str, weights: dict, rpm: int | None, rpm_reject: bool = False) -> dict:
     if name == "rpm":
-        return {"rpm": rpm or 20}
+        return {"rpm": rpm or 20, "reject": rpm_reject}
     if name in ("vtc", "vtc-predict", "lcf") and weights:
         return {"weights": weights}
     return {}
@@ -60,10 +64,11 @@ def load_workload(args) -> list[workloads.Request]:
 
 
 def run_one(name: str, reqs, args, weights: dict):
-    sched = make_scheduler(name, **scheduler_options(name, weights, args.rpm))
+    sched = make_scheduler(name, **scheduler_options(name, weights, args.rpm, args.rpm_reject))
     if args.simulate:
+        cost = CostModel(**json.loads(Path(args.cost_model).read_text())) if args.cost_model else CostModel()
         config = SimConfig(kv_capacity=args.kv_capacity, max_num_seqs=args.max_num_seqs,
-                           max_num_batched_tokens=args.max_num_batched_tokens)
+                           max_num_batched_tokens=args.max_num_batched_tokens, cost=cost)
         return simulate(reqs, sched, config)
     from jaxserve.engine import Engine
     from jaxserve.sched.replay import replay
@@ -73,6 +78,15 @@ def run_one(name: str, reqs, args, weights: dict):
                     num_pool_pages=args.pool_pages, seed=args.seed)
     return replay(engine, reqs, step_seconds=args.step_seconds, speedup=args.speedup,
                   length_scale=args.length_scale, seed=args.seed)
+
+
+def fit_cost_model(results) -> CostModel:
+    """The simulator's step-cost model fitted to real engine steps (wall clock): least squares of
+    seconds on (prefill tokens, decode tokens, running requests)."""
+    samples = [(st.prefill, st.decode, st.batch, st.duration) for r in results for st in r.steps if st.steps == 1]
+    if len(samples) < 4:
+        raise ValueError(f"only {len(samples)} engine steps to fit a cost model; run a longer workload")
+    return CostModel.fit(samples)
 
 
 def describe(result, reqs, weights: dict, w_p: float = 1.0, w_q: float = 2.0) -> dict:
@@ -88,8 +102,9 @@ def describe(result, reqs, weights: dict, w_p: float = 1.0, w_q: float = 2.0) ->
            "requests": len(result.requests), "finished": sum(r.finish is not None for r in result.requests),
            "rejected": sum(r.rejected for r in result.requests), "preemptions": result.num_preemptions,
            "first_token_latency": M.first_token_latency(result), "wall_seconds": result.wall_seconds}
-    if len({r.client for r in reqs}) > 2 and result.end_time >= 120:  # the real trace's table metric
-        art = M.artifact_service_difference(result, T=result.end_time)
+    span = max((r.arrival for r in reqs), default=0.0)  # the workload's own length (600 s for the trace)
+    if len({r.client for r in reqs}) > 2 and span >= 120:  # the real trace's table metric
+        art = M.artifact_service_difference(result, T=float(round(span)))
         out["artifact_window_difference"] = {"max": art["max"], "avg": art["avg"], "throughput": art["throughput"]}
     return out
 
@@ -106,6 +121,13 @@ def run(args) -> dict:
         result = run_one(name.strip(), reqs, args, weights)
         results.append(result)
         summary["schedulers"][name.strip()] = describe(result, reqs, weights)
+    if args.fit_cost_model:
+        if args.simulate or args.step_seconds is not None:
+            raise ValueError("--fit-cost-model needs real engine steps on the wall clock (no --simulate, "
+                             "no --step-seconds)")
+        cost = fit_cost_model(results)
+        Path(args.fit_cost_model).write_text(json.dumps(dataclasses.asdict(cost), indent=2))
+        summary["fitted_cost_model"] = dataclasses.asdict(cost)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     try:
         from jaxserve.sched.plots import plot_compare, plot_run
@@ -135,11 +157,16 @@ def add_arguments(p) -> None:
     p.add_argument("--scheduler", default="vtc,fcfs,lcf", help="one or more of fcfs, vtc, vtc-predict, lcf, rpm")
     p.add_argument("--weights", help="CLIENT=WEIGHT,... (default: the workload's own weights)")
     p.add_argument("--rpm", type=int, help="requests per minute per client for --scheduler rpm (default 20)")
+    p.add_argument("--rpm-reject", action="store_true", help="rpm: reject requests over the limit (as the "
+                   "VTC artifact does) instead of delaying them")
     p.add_argument("--simulate", action="store_true", help="the simulator (seconds) instead of the real engine")
     p.add_argument("--out", required=True, help="folder for summary.json and the plots")
     p.add_argument("--duration", type=float, help="seconds of workload (suites: their own default)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--kv-capacity", type=int, default=10_000, help="simulator: KV cache tokens")
+    p.add_argument("--cost-model", help="simulator: a JSON step-cost model (from --fit-cost-model)")
+    p.add_argument("--fit-cost-model", metavar="FILE.json",
+                   help="real engine: fit the simulator's step-cost model to this run's steps and save it")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--model", default="tiny", help="real engine: 'tiny' (the test fixture), 'smollm2' or a path")
