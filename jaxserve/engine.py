@@ -363,19 +363,20 @@ class Engine:
             self._aborted = []
             if to_process is not None:
                 outputs += self._process(to_process)
-            elif dispatched is None and not self.running and len(self.scheduler):
-                self._wait_for_scheduler()
+            pause = (self._scheduler_pause() if to_process is None and dispatched is None and not self.running
+                     and len(self.scheduler) else 0.0)
             device = self.runner.device_time - device_before
             self.stats.device_seconds += device
             self.stats.host_seconds += time.perf_counter() - start - device
-            return outputs
+        if pause:  # outside the lock: add_request / abort from other threads go on meanwhile
+            time.sleep(pause)
+        return outputs
 
-    def _wait_for_scheduler(self) -> None:
-        """Requests wait but the policy holds them all back (an rpm limit): sleep until the
-        first may go (at most 0.1 s, so new arrivals are seen) instead of spinning."""
+    def _scheduler_pause(self) -> float:
+        """Requests wait but the policy holds them all back (an rpm limit): how long step()
+        sleeps before returning — until the first may go, at most 0.1 s — instead of spinning."""
         wakeup = getattr(self.scheduler, "next_wakeup", lambda: None)()
-        if wakeup is not None:
-            time.sleep(min(0.1, max(0.0, wakeup - time.monotonic())))
+        return 0.0 if wakeup is None else min(0.1, max(0.0, wakeup - time.monotonic()))
 
     def _process(self, inflight) -> list[RequestOutput]:
         """Read a dispatched step's tokens; append, stop-check, finish, and report. This loop

@@ -108,3 +108,32 @@ def test_fitted_cost_model_reproduces_the_measured_time():
     model = fit_cost_model([result])
     predicted = sum(model.step_time(st.prefill, st.decode, st.batch) for st in steps)
     assert predicted == pytest.approx(sum(st.duration for st in steps), rel=1e-6)
+
+
+def test_rpm_in_the_engine_delays_or_rejects_over_the_limit():
+    from jaxserve import SamplingParams
+    from jaxserve.sched import RPMScheduler
+    now = [0.0]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    delay = Engine(model=str(TINY), max_model_len=32, max_num_seqs=4, scheduler=RPMScheduler(rpm=1, clock=lambda: now[0]))
+    for i in range(2):
+        delay.add_request(f"d{i}", {"prompt_token_ids": [5, 6, 7]}, params, client="a")
+    delay.add_request("other", {"prompt_token_ids": [5, 6, 7]}, params, client="b")
+    finished = {}
+    for _ in range(50):
+        finished.update({o.request_id: o for o in delay.step() if o.finished})
+    assert set(finished) == {"d0", "other"} and delay.has_unfinished_requests()  # d1 waits out the minute
+    now[0] = 61.0
+    while delay.has_unfinished_requests():
+        finished.update({o.request_id: o for o in delay.step() if o.finished})
+    assert finished["d1"].outputs[0].finish_reason == "length"
+    reject = Engine(model=str(TINY), max_model_len=32, max_num_seqs=4, scheduler="rpm",
+                    scheduler_options={"rpm": 2, "reject": True})
+    for i in range(3):
+        reject.add_request(f"r{i}", {"prompt_token_ids": [5, 6, 7]}, params, client="a")
+    outs = {}
+    while reject.has_unfinished_requests():
+        outs.update({o.request_id: o for o in reject.step() if o.finished})
+    assert [outs[f"r{i}"].outputs[0].finish_reason for i in range(3)] == ["length", "length", "abort"]
+    assert "rejected by the rpm scheduler" in outs["r2"].outputs[0].stop_reason
+    assert reject.pool.num_used(KV) == 0

@@ -40,6 +40,8 @@ class KVManager:
         return self.admission_pages(seq) + reserve <= self._available(seq.lora_name)
 
     def admit(self, seq: Sequence) -> None:
+        if not self._free_slots:  # (the engine admits at most max_num_seqs; a custom scheduler might not)
+            raise RuntimeError(f"no free slot for {seq.request_id!r}: {len(self.block_table)} sequences already run")
         name = seq.lora_name
         self.adapters.make_room(self.admission_pages(seq), keep=name)
         if name:
