@@ -137,3 +137,19 @@ def test_rpm_in_the_engine_delays_or_rejects_over_the_limit():
     assert [outs[f"r{i}"].outputs[0].finish_reason for i in range(3)] == ["length", "length", "abort"]
     assert "rejected by the rpm scheduler" in outs["r2"].outputs[0].stop_reason
     assert reject.pool.num_used(KV) == 0
+
+
+def test_replay_serves_each_clients_adapter(tmp_path):
+    """Workload requests name adapters: --demo-adapters serves each client through its own PEFT
+    adapter, loaded into the unified pool on demand."""
+    from jaxserve.sched.fairness_run import demo_adapters
+    workload = [Request(r.client, r.arrival, r.input_len, r.output_len, adapter=f"lora-{r.client}")
+                for r in overload(duration=1.0)]
+    engine = Engine(model=str(TINY), max_model_len=32, max_num_seqs=4, max_num_batched_tokens=32,
+                    scheduler=make_scheduler("vtc"), seed=0)
+    adapters = demo_adapters(engine, workload, tmp_path)
+    assert sorted(adapters) == ["lora-client0", "lora-client1"]
+    result = replay(engine, workload, step_seconds=0.05, adapters=adapters)
+    assert all(r.finish is not None and r.output_len == 10 for r in result.requests)
+    assert engine.adapters.metrics()["adapter_loads"] >= 2 and set(engine.list_loras()) == set(adapters)
+    assert engine.pool.num_used(KV) == 0

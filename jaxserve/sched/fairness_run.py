@@ -76,8 +76,24 @@ def run_one(name: str, reqs, args, weights: dict):
     engine = Engine(model=model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens, scheduler=sched,
                     num_pool_pages=args.pool_pages, seed=args.seed)
+    adapters = demo_adapters(engine, reqs, Path(args.out) / "adapters") if args.demo_adapters else None
     return replay(engine, reqs, step_seconds=args.step_seconds, speedup=args.speedup,
-                  length_scale=args.length_scale, seed=args.seed)
+                  length_scale=args.length_scale, seed=args.seed, adapters=adapters)
+
+
+def demo_adapters(engine, reqs, folder: Path) -> dict:
+    """A random PEFT adapter (ranks 4/8/16 in turn, q/v projections) for every adapter name the
+    workload uses, so a replay exercises the unified pool as S-LoRA's experiments do."""
+    from jaxserve.lora.demo import write_random_adapter
+    from jaxserve.lora.request import LoRARequest
+    names = sorted({r.adapter for r in reqs if r.adapter})
+    out = {}
+    for i, name in enumerate(names):
+        path = folder / name
+        if not (path / "adapter_config.json").exists():
+            write_random_adapter(path, engine.model_config, rank=(4, 8, 16)[i % 3], seed=i)
+        out[name] = LoRARequest(name, i + 1, str(path))
+    return out
 
 
 def fit_cost_model(results) -> CostModel:
@@ -175,6 +191,8 @@ def add_arguments(p) -> None:
     p.add_argument("--step-seconds", type=float, default=None,
                    help="real engine: a virtual clock advancing this much per step (default: wall clock)")
     p.add_argument("--speedup", type=float, default=1.0, help="real engine, wall clock: workload seconds per second")
+    p.add_argument("--demo-adapters", action="store_true",
+                   help="real engine: serve each workload 'adapter' through a random PEFT adapter of its own")
     p.add_argument("--length-scale", type=float, default=1.0, help="real engine: scale token lengths to fit the model")
 
 

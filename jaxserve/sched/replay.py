@@ -9,7 +9,8 @@ on one of two clocks:
   jumps to the next arrival — deterministic, whatever the machine's speed (what the tests use).
 
 Each request becomes `input_len` random prompt tokens (seeded) and `output_len` greedy tokens
-(ignore_eos), scaled by `length_scale` to fit a small model. The service a step records is what
+(ignore_eos), scaled by `length_scale` to fit a small model, through its "adapter" when one is
+given for that name (S-LoRA style: each client its own adapter, loaded into the pool on demand). The service a step records is what
 the engine charged the scheduler for that step (tokens actually processed; a preemption's
 recomputation excluded); a client counts as backlogged in a step when it has requests waiting.
 """
@@ -30,7 +31,11 @@ def scaled_lengths(r: Request, length_scale: float) -> tuple[int, int]:
 
 
 def replay(engine, workload: Iterable[Request], *, step_seconds: float | None = None, speedup: float = 1.0,
-           length_scale: float = 1.0, seed: int = 0, until: float | None = None) -> SimResult:
+           length_scale: float = 1.0, seed: int = 0, until: float | None = None,
+           adapters: dict | None = None) -> SimResult:
+    """adapters: {adapter name: LoRARequest} for the workload's "adapter" fields (requests whose
+    adapter is not in it run on the base model)."""
+    adapters = adapters or {}
     requests = sorted(workload, key=lambda r: r.arrival)
     rng = np.random.default_rng(seed)
     vocab = engine.model_config.vocab_size
@@ -74,7 +79,7 @@ def replay(engine, workload: Iterable[Request], *, step_seconds: float | None = 
                 if out not in params:
                     params[out] = SamplingParams(temperature=0.0, max_tokens=out, ignore_eos=True, output_kind="delta")
                 engine.add_request(rid, {"prompt_token_ids": rng.integers(3, vocab, inp).tolist()}, params[out],
-                                   client=r.client, arrival_time=r.arrival)
+                                   adapters.get(r.adapter), client=r.client, arrival_time=r.arrival)
                 records[rid] = RequestRecord(rid, r.client, r.arrival, None, None, inp, 0)
                 next_arrival += 1
             if not engine.has_unfinished_requests():  # idle until the next arrival
