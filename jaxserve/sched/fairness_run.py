@@ -133,10 +133,14 @@ def run(args) -> dict:
     results, summary = [], {"workload": args.suite or str(args.workload), "requests": len(reqs),
                             "mode": "simulator" if args.simulate else f"engine ({args.model})",
                             "weights": weights, "schedulers": {}}
-    for name in args.scheduler.split(","):
-        result = run_one(name.strip(), reqs, args, weights)
+    for name in (n.strip() for n in args.scheduler.split(",")):
+        result = run_one(name, reqs, args, weights)
         results.append(result)
-        summary["schedulers"][name.strip()] = describe(result, reqs, weights)
+        key, k = name, 1
+        while key in summary["schedulers"]:  # a scheduler listed again (a repeat run): name#2, ...
+            k += 1
+            key = f"{name}#{k}"
+        summary["schedulers"][key] = describe(result, reqs, weights)
     if args.fit_cost_model:
         if args.simulate or args.step_seconds is not None:
             raise ValueError("--fit-cost-model needs real engine steps on the wall clock (no --simulate, "
@@ -148,7 +152,7 @@ def run(args) -> dict:
     try:
         from jaxserve.sched.plots import plot_compare, plot_run
         for name, result in zip(summary["schedulers"], results):
-            plot_run(result, out / f"{name}.png", weights=weights)
+            plot_run(result, out / f"{name.replace('#', '-')}.png", weights=weights)
         if len(results) > 1:
             plot_compare(results, out / "compare.png", weights=weights, title=summary["workload"])
     except ImportError:  # matplotlib is a declared dependency; a stripped install still gets the numbers
