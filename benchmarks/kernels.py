@@ -170,7 +170,6 @@ def free(*arrays):
 
 def copy_bandwidth(bench: Bench, nbytes: int, dtype) -> dict:
     """Device copy bandwidth: a jitted x + 1 reads and writes nbytes each; (2 * nbytes) / time."""
-    import jax
     import jax.numpy as jnp
     n = nbytes // jnp.dtype(dtype).itemsize
     x = jnp.ones((n // 4096, 4096), dtype)

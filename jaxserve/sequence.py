@@ -60,10 +60,6 @@ class Sequence:
         self.last_token = token
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 

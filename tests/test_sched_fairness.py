@@ -98,7 +98,6 @@ def test_lcf_returning_client_takes_over_vtc_lifts():
 
 
 def test_weighted_shares():
-    wl = W.generate("overload-weighted", duration=240)
     r = run("overload-weighted", "vtc", weighted=True)
     clients, _, S, B, dur = M.service_matrix(r)
     all_backlogged = B.all(axis=1)

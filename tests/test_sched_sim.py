@@ -8,7 +8,7 @@ import pytest
 from jaxserve.sched import make_scheduler
 from jaxserve.sched import metrics as M
 from jaxserve.sched import workloads as W
-from jaxserve.sched.sim import CostModel, SimConfig, simulate
+from jaxserve.sched.sim import CostModel, simulate
 from jaxserve.sched.workloads import Request
 
 REAL = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "vtc_real_trace.jsonl")

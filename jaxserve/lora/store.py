@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxserve.config import LORA_MODULES, ModelConfig
 from jaxserve.lora.layout import (AdapterLayout, chunks, local_rows, pack_rows, plan_layout, pool_rows,
-                                  split_tables, table_layout)
+                                  table_layout)
 from jaxserve.lora.peft import PeftAdapter
 from jaxserve.lora.request import LoRARequest
 from jaxserve.memory.device_pool import DevicePool
@@ -176,12 +176,9 @@ class AdapterStore:
         self.evictions += count
 
     # ---- for the forward ------------------------------------------------------------------
-    def batch_tables(self, names: list[str], bucket: int) -> dict:
-        """The LoRA op's tables for the active adapters, padded to `bucket` with rank-0 rows."""
-        return split_tables(*self.stacked_tables(names, bucket), self.tables)
-
     def stacked_tables(self, names: list[str], bucket: int) -> tuple[np.ndarray, np.ndarray]:
-        """The same tables unsplit: pool-row ids [bucket, tables.size] and ranks [bucket, M]."""
+        """The LoRA op's tables for the active adapters, padded to `bucket` with rank-0 rows, unsplit:
+        pool-row ids [bucket, tables.size] and ranks [bucket, M] (layout.split_tables splits them)."""
         flat = np.zeros((bucket, self.tables.size), np.int32)
         ranks = np.zeros((bucket, len(self.modules)), np.int32)
         if names:

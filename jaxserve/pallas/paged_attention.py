@@ -49,7 +49,6 @@ import of this module and again around the call.
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 
 import jax

@@ -49,7 +49,6 @@ Variants:
 from __future__ import annotations
 
 import collections
-from typing import Callable, Iterable
 
 from jaxserve.sched.base import Scheduler
 from jaxserve.sequence import Sequence
