@@ -295,7 +295,7 @@ class Engine:
                 raise ValueError(f"request_id {seq.request_id!r} is already in use")
             self._requests[seq.request_id] = seq
             self.scheduler.add(seq)
-            for rejected in getattr(self.scheduler, "drain_rejected", list)():  # (rpm with reject=True)
+            for rejected in self.scheduler.drain_rejected():  # (rpm with reject=True)
                 rejected.finish_reason = "abort"
                 rejected.stop_reason = f"rejected by the {self.scheduler.name} scheduler"
                 rejected.metrics.finished_time = time.monotonic()
@@ -375,7 +375,7 @@ class Engine:
     def _scheduler_pause(self) -> float:
         """Requests wait but the policy holds them all back (an rpm limit): how long step()
         sleeps before returning — until the first may go, at most 0.1 s — instead of spinning."""
-        wakeup = getattr(self.scheduler, "next_wakeup", lambda: None)()
+        wakeup = self.scheduler.next_wakeup()
         return 0.0 if wakeup is None else min(0.1, max(0.0, wakeup - time.monotonic()))
 
     def _process(self, inflight) -> list[RequestOutput]:

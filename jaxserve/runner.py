@@ -60,8 +60,6 @@ class Chunk:
 class InFlight:
     """A dispatched step whose sampled tokens the host has not read yet. Its logits rows follow
     `sampling`: the decode sequences first, then the prefill chunks that sample."""
-    decode: list[Sequence]
-    prefill: list[Chunk]
     sampling: list[Sequence]
     arrays: tuple               # device arrays: tokens, token logprob, top ids, top logprobs
     step_id: int
@@ -229,7 +227,7 @@ class ModelRunner:
         for row, seq in enumerate(sampling):  # (only once the dispatch went through)
             seq.pending_row = row
             seq.pending_step = step
-        return InFlight(decode, prefill, sampling, arrays, step, wanted >= 0)
+        return InFlight(sampling, arrays, step, wanted >= 0)
 
     def collect(self, inflight: InFlight) -> tuple[list[int], list[float], list[dict | None]]:
         """Wait for a dispatched step's tokens (the wait counts as device time): per sampling

@@ -34,62 +34,26 @@ interpret mode (CPU tests) runs the same kernel bodies.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:  # the Triton backend; jax 0.11+ warns that it is deprecated (filtered below)
-    from jax.experimental.pallas import triton as _pltriton
-except ImportError:  # pragma: no cover - a jax without it: interpret mode still works
-    _pltriton = None
+from jaxserve.pallas.triton_backend import compiler_params, next_pow2, pltriton, quiet, whole_block
 
-# jax >= 0.11 warns at *lowering* time (which, under an outer jit, happens outside any call of
-# ours), so the filter is installed once, narrowly, for that message only; `_quiet` below also
-# covers an eager call when a caller has reset the filters.
-_TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
 # pl.dot moved to the Triton module (jax 0.10 warns when it is reached through pallas).
-_dot = getattr(_pltriton, "dot", None) or getattr(pl, "dot", None)
-warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)
+_dot = getattr(pltriton, "dot", None) or getattr(pl, "dot", None)
 
 DECODE_MAX_TOKENS = 32   # lora_delta: T <= this -> MBGMV, else SGMV (a static shape choice)
 _F32 = jnp.float32
-
-
-@contextlib.contextmanager
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)
-        yield
-
-
-def _compiler_params(num_warps: int, num_stages: int):
-    """Triton CompilerParams (the name has been stable since jax 0.4.3x; older spellings as a
-    fallback), or None when this jax has no Triton backend."""
-    if _pltriton is None:
-        return None
-    cls = getattr(_pltriton, "CompilerParams", None) or getattr(_pltriton, "TritonCompilerParams", None)
-    return None if cls is None else cls(num_warps=num_warps, num_stages=num_stages)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two dividing n, at most cap: Triton tensors need power-of-two sizes, and a
     block that divides the pool row never straddles two chunks nor needs a masked tail."""
     return min(n & -n, 1 << (max(cap, 1).bit_length() - 1))
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _whole(shape):
-    """A block that is the whole array (the kernel indexes it itself)."""
-    nd = len(shape)
-    return pl.BlockSpec(tuple(shape), lambda *_: (0,) * nd)
 
 
 def _divmod(a, b: int):
@@ -142,11 +106,11 @@ def _pallas(kernel, *, grid, in_specs, out_spec, out_shape, args, poison, interp
 
         def kernel(*refs):  # the aliased input is not read
             body(*refs[:-2], refs[-1])
-    with _quiet():
+    with quiet():
         return pl.pallas_call(
             kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
             input_output_aliases=aliases, interpret=interpret, name=name,
-            compiler_params=_compiler_params(num_warps, num_stages))(*args)
+            compiler_params=compiler_params(num_warps, num_stages))(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,14 +166,14 @@ def mbgmv_shrink(x, pool, layer, a_rows, ranks, token_adapter, *, rank_block=16,
     0 elsewhere. x [T, chunks(in) * W] (zero-padded to whole pool rows)."""
     num_tokens, in_padded = x.shape
     _, max_rank, _ = a_rows.shape
-    rank_block = _next_pow2(min(rank_block, max_rank))
+    rank_block = next_pow2(min(rank_block, max_rank))
     padded_rank = pl.cdiv(max_rank, rank_block) * rank_block
     bw = _pow2_divisor(pool.shape[4], block_w)
     kernel = functools.partial(_mbgmv_shrink_kernel, rank_block=rank_block, block_w=bw)
     return _pallas(
         kernel, grid=(num_tokens, padded_rank // rank_block),
-        in_specs=[_whole((1,)), _whole(token_adapter.shape), _whole(ranks.shape), _whole(a_rows.shape),
-                  pl.BlockSpec((None, in_padded), lambda t, k: (t, 0)), _whole(pool.shape)],
+        in_specs=[whole_block((1,)), whole_block(token_adapter.shape), whole_block(ranks.shape), whole_block(a_rows.shape),
+                  pl.BlockSpec((None, in_padded), lambda t, k: (t, 0)), whole_block(pool.shape)],
         out_spec=pl.BlockSpec((None, rank_block), lambda t, k: (t, k)),
         out_shape=jax.ShapeDtypeStruct((num_tokens, padded_rank), _F32),
         args=(layer, token_adapter, ranks, a_rows, x, pool), poison=poison, interpret=interpret,
@@ -226,8 +190,8 @@ def mbgmv_expand(v, pool, layer, b_rows, ranks, token_adapter, *, block_out=128,
     kernel = functools.partial(_mbgmv_expand_kernel, block_out=bo)
     return _pallas(
         kernel, grid=(num_tokens, out_padded // bo),
-        in_specs=[_whole((1,)), _whole(token_adapter.shape), _whole(ranks.shape), _whole(b_rows.shape),
-                  pl.BlockSpec((None, padded_rank), lambda t, j: (t, 0)), _whole(pool.shape)],
+        in_specs=[whole_block((1,)), whole_block(token_adapter.shape), whole_block(ranks.shape), whole_block(b_rows.shape),
+                  pl.BlockSpec((None, padded_rank), lambda t, j: (t, 0)), whole_block(pool.shape)],
         out_spec=pl.BlockSpec((None, bo), lambda t, j: (t, j)),
         out_shape=jax.ShapeDtypeStruct((num_tokens, out_padded), _F32),
         args=(layer, token_adapter, ranks, b_rows, v, pool), poison=poison, interpret=interpret,
@@ -341,14 +305,14 @@ def sgmv_shrink(x, pool, layer, a_rows, ranks, tile_adapter, tile_tokens, *, blo
     segment_tiles with the same block_tokens (a power of two)."""
     _, max_rank, _ = a_rows.shape
     num_tiles = tile_adapter.shape[0]
-    rank_block = _next_pow2(min(rank_block, max_rank))
+    rank_block = next_pow2(min(rank_block, max_rank))
     padded_rank = pl.cdiv(max_rank, rank_block) * rank_block
     bw = _pow2_divisor(pool.shape[4], block_w)
     kernel = functools.partial(_sgmv_shrink_kernel, rank_block=rank_block, block_w=bw)
     return _pallas(
         kernel, grid=(num_tiles, padded_rank // rank_block),
-        in_specs=[_whole((1,)), _whole(tile_adapter.shape), _whole(ranks.shape), _whole(a_rows.shape),
-                  pl.BlockSpec((block_tokens,), lambda m, k: (m,)), _whole(x.shape), _whole(pool.shape)],
+        in_specs=[whole_block((1,)), whole_block(tile_adapter.shape), whole_block(ranks.shape), whole_block(a_rows.shape),
+                  pl.BlockSpec((block_tokens,), lambda m, k: (m,)), whole_block(x.shape), whole_block(pool.shape)],
         out_spec=pl.BlockSpec((block_tokens, rank_block), lambda m, k: (m, k)),
         out_shape=jax.ShapeDtypeStruct((num_tiles * block_tokens, padded_rank), _F32),
         args=(layer, tile_adapter, ranks, a_rows, tile_tokens, x, pool), poison=poison, interpret=interpret,
@@ -360,7 +324,7 @@ def sgmv_expand(v, pool, layer, b_rows, ranks, tile_adapter, *, block_tokens=16,
     """y [M * bt, chunks(out) * W] float32 in padded tile order (0 for unused tiles)."""
     padded_rows, padded_rank = v.shape
     max_rank = b_rows.shape[1]
-    rank_block = _next_pow2(min(rank_block, max_rank))
+    rank_block = next_pow2(min(rank_block, max_rank))
     assert padded_rank % rank_block == 0, (padded_rank, rank_block)
     row_width = pool.shape[4]
     bo = _pow2_divisor(row_width, block_out)
@@ -368,8 +332,8 @@ def sgmv_expand(v, pool, layer, b_rows, ranks, tile_adapter, *, block_tokens=16,
     kernel = functools.partial(_sgmv_expand_kernel, rank_block=rank_block, block_out=bo)
     return _pallas(
         kernel, grid=(tile_adapter.shape[0], out_padded // bo),
-        in_specs=[_whole((1,)), _whole(tile_adapter.shape), _whole(ranks.shape), _whole(b_rows.shape),
-                  pl.BlockSpec((block_tokens, padded_rank), lambda m, j: (m, 0)), _whole(pool.shape)],
+        in_specs=[whole_block((1,)), whole_block(tile_adapter.shape), whole_block(ranks.shape), whole_block(b_rows.shape),
+                  pl.BlockSpec((block_tokens, padded_rank), lambda m, j: (m, 0)), whole_block(pool.shape)],
         out_spec=pl.BlockSpec((block_tokens, bo), lambda m, j: (m, j)),
         out_shape=jax.ShapeDtypeStruct((padded_rows, out_padded), _F32),
         args=(layer, tile_adapter, ranks, b_rows, v, pool), poison=poison, interpret=interpret,
@@ -410,7 +374,7 @@ def lora_delta_sgmv(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_fe
     """Prefill variant (adapter segments, grouped matmuls). Same convention as reference.lora_delta."""
     if a_rows.shape[0] == 0 or a_rows.shape[1] == 0:
         return jnp.zeros((x.shape[0], out_features), _F32)
-    block_tokens = _next_pow2(block_tokens)
+    block_tokens = next_pow2(block_tokens)
     x, layer, ranks, token_adapter = _prepare(x, pool, layer, a_rows, ranks, token_adapter)
     tile_adapter, tile_tokens, padded_pos = segment_tiles(token_adapter, a_rows.shape[0], block_tokens)
     common = dict(block_tokens=block_tokens, rank_block=rank_block, num_warps=num_warps, num_stages=num_stages,

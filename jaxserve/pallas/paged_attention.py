@@ -42,14 +42,11 @@ Triton lowering constraints:
   to match the reference); the probabilities are cast to the value dtype for the P@V dot as the
   reference does; the output is cast to q's dtype after the combine.
 
-jax >= 0.11 warns at lowering time that the Pallas Triton backend is deprecated; lowering happens
-when the enclosing jit compiles (not when this function traces), so the filter is installed at
-import of this module and again around the call.
+The Triton backend selection and its deprecation-warning filter live in triton_backend.py.
 """
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -57,13 +54,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:  # the Triton backend's public module; present in jax 0.10 - 0.12
-    from jax.experimental.pallas import triton as _pltriton
-except ImportError:  # pragma: no cover - a jax without the Triton backend
-    _pltriton = None
-
-_TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
-warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)
+from jaxserve.pallas.triton_backend import compiler_params, next_pow2, quiet, whole_block
 
 FRESH_BLOCK = 16     # fresh-key rows per loop step (tl.dot N >= 16)
 MIN_BLOCK = 16       # minimum key rows / padded query rows of a dot
@@ -71,22 +62,11 @@ KEYS_PER_SPLIT = 256  # default split size: a 2k-token decode runs in 8 programs
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: a fully masked block never yields NaN
 
 
-def _compiler_params(num_warps, num_stages):
-    if _pltriton is None:  # pragma: no cover
-        return None
-    cls = getattr(_pltriton, "CompilerParams", None) or getattr(_pltriton, "TritonCompilerParams")
-    return cls(num_warps=num_warps, num_stages=num_stages)
-
-
 def _dot(a, b, b_contract, precision):
     """a [M, K] x b (K on axis b_contract) -> [M, N] float32 (tt.dot). lax.dot_general rather than
     pl.dot, which jax 0.12 removed; it is what pl.dot / plgpu.dot lower to."""
     return lax.dot_general(a, b, (((1,), (b_contract,)), ((), ())), precision=precision,
                            preferred_element_type=jnp.float32)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def default_pages_per_split(page_size: int) -> int:
@@ -162,11 +142,6 @@ def _kernel(layer_ref, scale_ref, meta_ref, tables_ref, q_ref, k_new_ref, v_new_
     l_ref[...] = l
 
 
-def _whole(shape):
-    zeros = (0,) * len(shape)
-    return pl.BlockSpec(tuple(shape), lambda *_: zeros)
-
-
 def paged_attention_partials(q, k_new, v_new, pool, layer, page_tables, token_seq, positions, cached_lens,
                              valid, scale, *, interpret=False, pages_per_split=None, num_warps=4,
                              num_stages=2, poison=False):
@@ -189,7 +164,7 @@ def paged_attention_partials(q, k_new, v_new, pool, layer, page_tables, token_se
     if pages_per_split % pages_per_block:
         raise ValueError(f"pages_per_split={pages_per_split} must be a multiple of {pages_per_block} "
                          f"(a dot needs >= {MIN_BLOCK} keys of page size {page_size})")
-    g_pad = max(MIN_BLOCK, _next_pow2(group))
+    g_pad = max(MIN_BLOCK, next_pow2(group))
     compute_dtype = jnp.promote_types(q.dtype, pool.dtype)
 
     max_pages = page_tables.shape[1]
@@ -222,7 +197,7 @@ def paged_attention_partials(q, k_new, v_new, pool, layer, page_tables, token_se
                  pl.BlockSpec((None, None, None, g_pad), lambda t, h, s: (t, h, s, 0)),
                  pl.BlockSpec((None, None, None, g_pad), lambda t, h, s: (t, h, s, 0))]
     inputs = [layer, scale, meta, page_tables, qg, k_new, v_new, pool]
-    in_specs = [_whole(x.shape) for x in inputs]
+    in_specs = [whole_block(x.shape) for x in inputs]
     in_specs[4] = pl.BlockSpec((None, None, g_pad, head_dim), lambda t, h, s: (t, h, 0, 0))
     aliases = {}
     if poison:
@@ -237,10 +212,9 @@ def paged_attention_partials(q, k_new, v_new, pool, layer, page_tables, token_se
     call = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases=aliases, interpret=interpret,
-        compiler_params=_compiler_params(num_warps, num_stages),
+        compiler_params=compiler_params(num_warps, num_stages),
         name=f"paged_attention_ps{page_size}_g{g_pad}_d{head_dim}_pps{pages_per_split}")
-    with warnings.catch_warnings():  # un-jitted calls lower right here
-        warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)
+    with quiet():  # un-jitted calls lower right here
         return call(*inputs)
 
 

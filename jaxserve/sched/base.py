@@ -46,6 +46,15 @@ class Scheduler(abc.ABC):
     def finish(self, seq: Sequence) -> None:
         """seq finished or was aborted while running."""
 
+    def drain_rejected(self) -> list[Sequence]:
+        """Requests the policy refused at `add` since the last call (rpm's reject mode); the
+        engine finishes them as aborted."""
+        return []
+
+    def next_wakeup(self) -> float | None:
+        """When a request the policy holds back (not the pool) may go, on its clock; None if none."""
+        return None
+
     def schedule(self, try_admit: Callable[[Sequence], bool], limit: int) -> list[Sequence]:
         """Offer candidates in policy order until one does not fit or `limit` are admitted.
         Stopping at the first misfit keeps the order fair (no small request jumps the queue)."""

@@ -185,8 +185,6 @@ def simulate(workload: Iterable[Request], scheduler: Scheduler, config: SimConfi
     clock = [0.0]
     if hasattr(scheduler, "clock"):
         scheduler.clock = lambda: clock[0]
-    drain = getattr(scheduler, "drain_rejected", None)
-    wakeup = getattr(scheduler, "next_wakeup", None)
     cost = cfg.cost
     cap, max_seqs, mbt = cfg.kv_capacity, cfg.max_num_seqs, cfg.max_num_batched_tokens
     charge = scheduler.charge
@@ -242,12 +240,11 @@ def simulate(workload: Iterable[Request], scheduler: Scheduler, config: SimConfi
             i += 1
             set_waiting(s)
             scheduler.add(s)
-        if drain is not None:
-            for s in drain():
-                s.state = REJECTED
-                s.finish_reason = "abort"
-                wcount[s.client] -= 1
-                dirty = True
+        for s in scheduler.drain_rejected():
+            s.state = REJECTED
+            s.finish_reason = "abort"
+            wcount[s.client] -= 1
+            dirty = True
         if not running and len(scheduler) == 0:
             if i >= n:
                 break
@@ -321,7 +318,7 @@ def simulate(workload: Iterable[Request], scheduler: Scheduler, config: SimConfi
 
         if not decode and not chunks:  # nothing to run: idle until something can change
             nxt = seqs[i].arrival_time if i < n else None
-            w = wakeup() if wakeup is not None else None
+            w = scheduler.next_wakeup()
             if w is not None and w > now:
                 nxt = w if nxt is None else min(nxt, w)
             if nxt is None:
@@ -346,8 +343,8 @@ def simulate(workload: Iterable[Request], scheduler: Scheduler, config: SimConfi
                     k = 1
             if k > 1 and i < n:
                 k = min(k, max(1, math.ceil((seqs[i].arrival_time - now) / dt - 1e-9)))
-            if k > 1 and wakeup is not None and len(scheduler):
-                w = wakeup()
+            if k > 1 and len(scheduler):
+                w = scheduler.next_wakeup()
                 if w is not None:
                     k = min(k, max(1, math.ceil((w - now) / dt - 1e-9)))
             if k > 1 and until is not None:
