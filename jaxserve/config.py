@@ -6,6 +6,7 @@ every loader speaks one dialect: HF's.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -111,10 +112,12 @@ class EngineConfig:
     pool_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     num_pool_pages: int | None = None
-    kernels: str = "reference"
+    kernels: str = "xla"                 # kernel backend (jaxserve/pallas/ops.py)
     scheduler: object = "fcfs"          # a name in jaxserve.sched.SCHEDULERS, or a Scheduler object
     scheduler_options: dict | None = None  # e.g. {"weights": {"alice": 2}} for "vtc", {"rpm": 20} for "rpm"
-    warmup: bool = True                 # compile every batch shape at start-up
+    # Compile every batch shape at start-up (JAXSERVE_WARMUP=0 makes the default False: shapes
+    # then compile on first use — quicker start-ups for tests and short scripts).
+    warmup: bool = dataclasses.field(default_factory=lambda: os.environ.get("JAXSERVE_WARMUP", "1") != "0")
     async_overlap: bool = True          # dispatch step N+1 before reading step N's tokens
 
     def __post_init__(self):

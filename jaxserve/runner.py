@@ -2,11 +2,14 @@
 forward (the unified pool donated, updated in place) and the on-device sampler.
 
 Every shape is drawn from a small fixed set so compilation is bounded and can all happen at
-start-up (warmup): tokens per batch are padded to a power of four (16, 64, 256, ... capped at
-max_num_batched_tokens), pages per sequence likewise (1, 4, 16, ... capped at max_model_len's
-pages), the sequence axis is always max_num_seqs, and LoRA tables always hold max_loras adapters
-over the configured modules. Powers of four keep the variant count (and start-up) small at the
-price of up to 4x padding; the persistent compilation cache makes later start-ups fast.
+start-up (warmup): tokens per batch are padded to a bucket (16, 32, 48, 64, 96, 128, then powers
+of two, capped at max_num_batched_tokens), logits are computed for min(tokens,
+max_num_seqs) rows, and the sequence axis is always max_num_seqs. Backends that cut page tables
+to the batch's longest sequence (reference, pallas) add page buckets (1, 4, 16, ... pages); the
+xla backend walks pages in a loop and needs none. With LoRA, the xla backend's tile count is
+picked per step from the batch (exact tiles needed, rounded up to one of three counts per token
+bucket); the other backends take the adapter tables as they are. The persistent compilation
+cache makes later start-ups fast.
 """
 from __future__ import annotations
 
@@ -25,13 +28,15 @@ from jaxserve.lora.layout import split_tables
 from jaxserve.lora.store import AdapterStore
 from jaxserve.memory.device_pool import DevicePool
 from jaxserve.model import llama
+from jaxserve.pallas import ops
+from jaxserve.pallas.plan import StepPlan
 from jaxserve.sampling import MAX_LOGPROBS, sample_packed
 from jaxserve.sequence import Sequence
 
 logger = logging.getLogger("jaxserve")
 
 def _step_forward(params, pool, tokens, seqs, prev_tokens, lora_flat, lora_ranks, *, cfg: ModelConfig,
-                  kernels: str, lora_layout):
+                  kernels: str, lora_layout, plan: StepPlan, num_logits: int):
     """llama.forward over a batch packed into few arrays — the host sends each array to the
     device separately and each transfer costs tens of microseconds, so a step sends two int32
     arrays (plus two for LoRA) instead of nine (plus 21): tokens [7, T] = token_ids, positions,
@@ -40,11 +45,12 @@ def _step_forward(params, pool, tokens, seqs, prev_tokens, lora_flat, lora_ranks
     batch = llama.Batch(tokens[0], tokens[1], tokens[2], tokens[3], seqs[:, :-1], tokens[4], seqs[:, -1], tokens[5],
                         tokens[6])
     lora = split_tables(lora_flat, lora_ranks, lora_layout) if lora_flat is not None else None
-    return llama.forward(params, pool, batch, prev_tokens, cfg, lora, kernels)
+    return llama.forward(params, pool, batch, prev_tokens, cfg, lora, kernels, plan, num_logits)
 
 
 # One jitted step for the process: runners of the same model config share compiled variants.
-_jitted_forward = jax.jit(_step_forward, static_argnames=("cfg", "kernels", "lora_layout"), donate_argnums=(1,))
+_jitted_forward = jax.jit(_step_forward, static_argnames=("cfg", "kernels", "lora_layout", "plan", "num_logits"),
+                          donate_argnums=(1,))
 
 
 @dataclasses.dataclass
@@ -74,20 +80,54 @@ def _geometric(low: int, high: int, factor: int) -> list[int]:
     return sizes + [high]
 
 
+def token_buckets(max_tokens: int) -> list[int]:
+    """16, 32, 48, 64, 96, 128, then powers of two (256, 512, ...), capped at max_tokens: fine
+    steps where decode batches live (every padded token costs a full token of compute), coarse
+    ones for prefill-heavy steps, so the compiled variants stay few."""
+    sizes = {16, 32, 48, 64, 96, 128}
+    n = 256
+    while n < max_tokens:
+        sizes.add(n)
+        n *= 2
+    return sorted(x for x in sizes if x < max_tokens) + [max(16, max_tokens)]
+
+
 def _pick(buckets: list[int], n: int) -> int:
     return next(b for b in buckets if b >= n)
+
+
+def lora_tile_size(num_tokens: int) -> int:
+    """Tokens per LoRA tile: bigger tiles for bigger batches (fewer, better-shaped matmuls)."""
+    return 16 if num_tokens >= 128 else 8
+
+
+def lora_tile_counts(num_tokens: int, max_loras: int) -> list[int]:
+    """The tile counts compiled for a token bucket: room for the tokens in full tiles plus 1, 8 or
+    max_loras partial ones. The last always suffices: n adapters need at most T // size + n tiles,
+    and never more than T."""
+    size = lora_tile_size(num_tokens)
+    cap = min(num_tokens, num_tokens // size + min(max_loras, num_tokens))
+    return sorted({min(cap, -(-num_tokens // size) + extra) for extra in (1, 8)} | {cap})
+
+
+def lora_tiles_needed(lora_ids: np.ndarray, size: int) -> int:
+    """Tiles of `size` tokens the batch's adapter segments fill (at least one)."""
+    counts = np.bincount(lora_ids[lora_ids >= 0])
+    return max(1, int((-(-counts // size)).sum()))
 
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params, device_pool: DevicePool, adapters: AdapterStore, *,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, max_loras: int,
-                 kernels: str = "reference"):
+                 kernels: str = ops.DEFAULT):
         self.cfg, self.adapters, self.device_pool = cfg, adapters, device_pool
         self.page_size = device_pool.array.shape[3]
         self.params = params
         self.max_num_seqs, self.max_loras = max_num_seqs, max_loras
-        self.token_buckets = _geometric(16, max(16, max_num_batched_tokens), 4)
-        self.page_buckets = _geometric(1, -(-max_model_len // self.page_size), 4)
+        self.token_buckets = token_buckets(max_num_batched_tokens)
+        self.backend = ops.get_ops(kernels)
+        max_pages = -(-max_model_len // self.page_size)
+        self.page_buckets = _geometric(1, max_pages, 4) if self.backend.page_buckets else [max_pages]
         self.kernels = kernels
         self._forward = partial(_jitted_forward, cfg=cfg, kernels=kernels, lora_layout=adapters.tables)
         self._last_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the latest dispatched step's samples
@@ -104,8 +144,35 @@ class ModelRunner:
         self.compile_seconds = 0.0
 
     # ---- shapes and compilation -----------------------------------------------------------
-    def shape_variants(self) -> list[tuple[int, int, bool]]:
-        return [(t, p, lora) for t in self.token_buckets for p in self.page_buckets for lora in (False, True)]
+    def plan(self, num_tokens: int, lora_ids: np.ndarray | None) -> StepPlan:
+        """The static choices for a step of num_tokens (a bucket) tokens; lora_ids None: no LoRA."""
+        # Decode tokens and continuing chunks come first: the first attention segment holds them.
+        if not self.backend.lora_tiles:  # a spec-signature backend: only "LoRA or not" is static
+            return StepPlan(0 if lora_ids is None else 1, 0, 0)
+        ctx_rows = min(num_tokens, max(self.max_num_seqs, num_tokens // 2))
+        ctx_rows = 0 if ctx_rows == num_tokens else ctx_rows
+        if lora_ids is None:
+            return StepPlan(0, 0, ctx_rows)
+        size = lora_tile_size(num_tokens)
+        need = lora_tiles_needed(lora_ids, size)
+        return StepPlan(_pick(lora_tile_counts(num_tokens, self.max_loras), need), size, ctx_rows)
+
+    def num_logits(self, num_tokens: int) -> int:
+        return min(num_tokens, self.max_num_seqs)
+
+    def shape_variants(self) -> list[tuple[int, int, StepPlan]]:
+        """Every (tokens, pages, plan) a step can use."""
+        variants = []
+        for tokens in self.token_buckets:
+            plans = [self.plan(tokens, None)]
+            if self.backend.lora_tiles:
+                size = lora_tile_size(tokens)
+                plans += [self.plan(tokens, None)._replace(lora_tiles=n, tile_size=size)
+                          for n in lora_tile_counts(tokens, self.max_loras)]
+            else:
+                plans.append(StepPlan(1, 0, 0))
+            variants += [(tokens, pages, plan) for pages in self.page_buckets for plan in plans]
+        return variants
 
     def warmup(self) -> None:
         """Compile every batch shape and sampler variant ahead of time (lower + compile, nothing
@@ -115,22 +182,25 @@ class ModelRunner:
         start = time.perf_counter()
         before = backend_compiles()
         n = self.max_num_seqs
-        for tokens, pages, lora in self.shape_variants():
-            tables = self.adapters.stacked_tables([], self.max_loras) if lora else (None, None)
+        for tokens, pages, plan in self.shape_variants():
+            tables = self.adapters.stacked_tables([], self.max_loras) if plan.lora_tiles else (None, None)
             _jitted_forward.lower(self.params, self.device_pool.array, np.zeros((7, tokens), np.int32),
                                   np.zeros((n, pages + 1), np.int32), self._last_tokens, *tables,
+                                  plan=plan, num_logits=self.num_logits(tokens),
                                   **self._forward.keywords).compile()
-        logits = jax.ShapeDtypeStruct((n, self.cfg.vocab_size), jnp.float32)
-        for num_logprobs in (0, MAX_LOGPROBS):
-            for use_filters in (False, True):
-                sample_packed.lower(logits, np.zeros((n, 2), np.float32), np.zeros((n, 4), np.int32),
-                                    num_logprobs=num_logprobs, use_filters=use_filters).compile()
+        rows = sorted({self.num_logits(t) for t in self.token_buckets})
+        for r in rows:
+            logits = jax.ShapeDtypeStruct((r, self.cfg.vocab_size), jnp.float32)
+            for num_logprobs in (0, MAX_LOGPROBS):
+                for use_filters in (False, True):
+                    sample_packed.lower(logits, np.zeros((r, 2), np.float32), np.zeros((r, 4), np.int32),
+                                        num_logprobs=num_logprobs, use_filters=use_filters, pad_to=n).compile()
         self.device_pool.warmup(self.adapters.max_adapter_pages())
         self.num_compiled = backend_compiles() - before
         self.compile_seconds = time.perf_counter() - start
-        logger.info("warm-up: %d batch shapes + 4 sampler variants + page writes ready (%d executables "
+        logger.info("warm-up: %d batch shapes + %d sampler variants + page writes ready (%d executables "
                     "built or loaded from the compilation cache) in %.1f s", len(self.shape_variants()),
-                    self.num_compiled, self.compile_seconds)
+                    4 * len(rows), self.num_compiled, self.compile_seconds)
 
     # ---- one step -------------------------------------------------------------------------
     def bind(self, seq: Sequence) -> None:
@@ -217,9 +287,13 @@ class ModelRunner:
         floats = rows[:, :2].astype(np.float32)
         num_logprobs = MAX_LOGPROBS if wanted > 0 else 0  # one compiled variant serves every N
         use_filters = bool(((rows[:, 2] > 0) | (rows[:, 1] < 1.0)).any())
+        num_tokens = tokens.shape[1]
+        plan = self.plan(num_tokens, tokens[4] if active else None)
+        rows_out = self.num_logits(num_tokens)
         logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, tokens, seqs,
-                                                       self._last_tokens, *lora)
-        arrays = sample_packed(logits, floats, ints, num_logprobs=num_logprobs, use_filters=use_filters)
+                                                       self._last_tokens, *lora, plan=plan, num_logits=rows_out)
+        arrays = sample_packed(logits, floats[:rows_out], ints[:rows_out], num_logprobs=num_logprobs,
+                               use_filters=use_filters, pad_to=self.max_num_seqs)
         self._last_tokens = arrays[0]
         self._dispatched += 1
         step = self._dispatched

@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Engines compile the shapes they use on first use instead of every shape at start-up: a test
+# uses a few of ~30 variants. Tests of the warm-up itself ask for warmup=True.
+os.environ.setdefault("JAXSERVE_WARMUP", "0")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny-llama"

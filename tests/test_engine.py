@@ -162,8 +162,8 @@ def test_async_streams_run_concurrently(tiny_llm):
 def test_no_compile_after_warmup():
     """Warm-up compiles every shape; 100 requests of varied lengths, adapters and sampling
     settings then run no XLA compilation (first uses load warm-up's executables)."""
-    engine = Engine(model=str(TINY), max_model_len=64, max_num_seqs=16, max_num_batched_tokens=128,
-                    num_pool_pages=60)
+    engine = Engine(model=str(TINY), max_model_len=64, max_num_seqs=16, max_num_batched_tokens=64,
+                    num_pool_pages=60, warmup=True)
     assert engine.runner.compile_seconds > 0 and engine.runner.shape_variants()
     before = backend_compiles()
     rng = np.random.default_rng(3)

@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.pallas import ops
+from jaxserve.pallas.plan import StepPlan
 
 
 class Batch(NamedTuple):
@@ -80,19 +81,16 @@ def rms_norm(x, weight, eps):
     return weight * x32.astype(x.dtype)
 
 
-def _project(x, w, name, pool, layer, lora, lora_ids, lora_delta):
-    y = jnp.dot(x, w, preferred_element_type=jnp.float32)
-    if lora is not None and name in lora:
-        t = lora[name]
-        y = y + lora_delta(x, pool, layer, t["a_rows"], t["b_rows"], t["rank"], lora_ids, w.shape[-1])
-    return y.astype(x.dtype)
-
-
-def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None, kernels: str = "reference"):
-    """Returns (logits [N, V] float32, updated pool). Jit with cfg/kernels static, pool donated.
-    prev_tokens [N] are the previous step's sampled tokens, still on the device: decode tokens
-    can be fed from them before the host has seen them (the engine's async overlap)."""
+def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None, kernels: str = ops.DEFAULT,
+            plan: StepPlan = StepPlan(), num_logits: int | None = None):
+    """Returns (logits [num_logits, V] float32, updated pool). Jit with cfg/kernels/plan/num_logits
+    static, pool donated. prev_tokens are the previous step's sampled tokens, still on the device:
+    decode tokens can be fed from them before the host has seen them (the engine's async overlap).
+    The kernel backend's per-step metadata is prepared once here, outside the layer loop; `plan`
+    carries the runner's static choices for it (LoRA tiles, attention segments). Logits are
+    computed for the first num_logits entries of batch.logits_indices (all by default)."""
     op = ops.get_ops(kernels)
+    meta = op.prepare(batch, lora, pool, plan)
     num_tokens = batch.token_ids.shape[0]
     page_size = pool.shape[3]
     num_slots = pool.shape[2] * page_size
@@ -101,13 +99,14 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
     inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
     scale = 1.0 / math.sqrt(cfg.head_dim)
 
-    valid = batch.slot_mapping >= 0
-
     def layer(h, inputs):
         index, w = inputs
 
         def proj(x, name):  # weights are keyed "q", LoRA modules "q_proj" (PEFT's names)
-            return _project(x, w[name], name + "_proj", pool, index, lora, batch.lora_ids, op["lora_delta"])
+            y = jnp.dot(x, w[name], preferred_element_type=jnp.float32)
+            if lora is not None and name + "_proj" in lora:
+                y = y + op.lora_delta(x, pool, index, meta, name + "_proj", y.shape[-1])
+            return y.astype(x.dtype)
 
         x = rms_norm(h, w["attn_norm"], cfg.rms_norm_eps)
         q, k, v = proj(x, "q"), proj(x, "k"), proj(x, "v")
@@ -118,8 +117,7 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
         # Stored in the pool's dtype: attend to exactly what later steps will read back.
         k = k.reshape(num_tokens, cfg.kv_size).astype(pool.dtype)
         v = v.astype(pool.dtype)
-        attn = op["paged_attention"](q, k, v, pool, index, batch.page_tables, batch.token_seq, batch.positions,
-                                     batch.cached_lens, valid, scale)
+        attn = op.paged_attention(q, k, v, pool, index, meta, scale)
         h = h + proj(attn.reshape(num_tokens, cfg.q_size), "o")
         x = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
         gated = jax.nn.silu(proj(x, "gate").astype(jnp.float32)) * proj(x, "up").astype(jnp.float32)
@@ -133,7 +131,7 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
     # Padding tokens (slot -1) write out of bounds, which mode="drop" discards.
     pool = pool.at[:, 0, write_page, write_offset].set(k_all, mode="drop")
     pool = pool.at[:, 1, write_page, write_offset].set(v_all, mode="drop")
-    h = rms_norm(h[batch.logits_indices], params["final_norm"], cfg.rms_norm_eps)
+    h = rms_norm(h[batch.logits_indices[:num_logits]], params["final_norm"], cfg.rms_norm_eps)
     lm_head = params["lm_head"] if "lm_head" in params else params["embed"].T
     logits = jnp.dot(h, lm_head, preferred_element_type=jnp.float32)
     return logits, pool

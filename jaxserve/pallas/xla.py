@@ -1,0 +1,142 @@
+"""The production XLA backend ("xla"): the default on CPU and TPU, and on GPU until the Pallas
+kernels are measured faster there. It computes what reference.py specifies, organised for speed:
+
+- `prepare` runs ONCE per step, outside the layer loop, and every layer reuses what it returns:
+  each token's page list and context blocks, the fresh-key mask, and the LoRA tiles.
+- LoRA is grouped by adapter, not computed per token: tokens are sorted by adapter into tiles of
+  `tile_size` tokens of one adapter (pallas/tiles.py); each tile reads its adapter's rank-rows from
+  the pool once per layer and runs two small matmuls (shrink, expand). The cost grows with the
+  tile count (about tokens / tile_size + distinct adapters), not with tokens x rank, and nothing
+  is padded to the largest rank in memory. The tile count is static and chosen by the runner,
+  which knows the batch (runner.lora_tile_plan), so a batch of 8 adapters does not pay for 32.
+- Attention walks each token's cached context in blocks of pages under a while loop whose trip
+  count is the longest context in the batch (no page-count shape bucket, no [tokens, max_len]
+  copy), with an online softmax; then the batch's own new keys, merged by log-sum-exp. The rows
+  are cut into two static segments — the first `ctx_rows` (decode tokens and continuing prefill
+  chunks, which the runner puts first) and the rest (new prompts, whose loop usually runs zero
+  times) — so a step of fresh prompts gathers no context for them.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxserve.pallas.plan import StepPlan
+from jaxserve.pallas.reference import gather_rank_rows
+from jaxserve.pallas.tiles import segment_tiles
+
+BLOCK_KEYS = 64       # cached keys each while-loop iteration reads per token (gathers dominate: keep tight)
+_NEG = -1e30          # a finite "minus infinity": exp(_NEG - _NEG) is 1, never NaN
+
+
+def prepare(batch, lora, pool, plan: StepPlan) -> dict:
+    """Per-step metadata shared by every layer (see the module docstring)."""
+    num_tokens = batch.token_ids.shape[0]
+    page_size = pool.shape[3]
+    pages = batch.page_tables[batch.token_seq]                               # [T, max_pages]
+    block = max(1, min(pages.shape[1], BLOCK_KEYS // page_size))
+    pad = -pages.shape[1] % block
+    if pad:
+        pages = jnp.pad(pages, ((0, 0), (0, pad)))
+    blocks = -(-batch.cached_lens // (block * page_size))                     # [T] blocks each token needs
+    valid = batch.slot_mapping >= 0
+    fresh = ((batch.token_seq[:, None] == batch.token_seq[None, :])
+             & (batch.positions[None, :] <= batch.positions[:, None]) & valid[None, :])
+    # A padding token sees itself, so no row is empty (see reference.paged_attention).
+    fresh |= jnp.eye(num_tokens, dtype=bool)
+    split = plan.ctx_rows if 0 < plan.ctx_rows < num_tokens else num_tokens
+    segments = tuple((start, stop, jnp.max(blocks[start:stop], initial=0))
+                     for start, stop in ((0, split), (split, num_tokens)) if stop > start)
+    meta = {"pages": pages, "cached_lens": batch.cached_lens, "fresh": fresh, "segments": segments,
+            "block": block}
+    if lora is not None and plan.lora_tiles:
+        meta["lora"] = _prepare_lora(batch.lora_ids, lora, plan)
+    return meta
+
+
+def _prepare_lora(lora_ids, lora, plan: StepPlan) -> dict:
+    """Tiles of tokens by adapter and, per module, each tile's pool-row tables and live ranks."""
+    num_adapters = next(iter(lora.values()))["rank"].shape[0]
+    size, num_tiles = plan.tile_size, plan.lora_tiles
+    tile_adapter, tile_tokens, padded_pos = segment_tiles(lora_ids, num_adapters, size, num_tiles)
+    num_tokens = lora_ids.shape[0]
+    which = jnp.maximum(tile_adapter, 0)
+    modules = {}
+    for name, t in lora.items():
+        rank = jnp.where(tile_adapter >= 0, t["rank"][which], 0)
+        live = jnp.arange(t["a_rows"].shape[1])[None, :] < rank[:, None]    # [tiles, R]
+        modules[name] = {"a_rows": t["a_rows"][which], "b_rows": t["b_rows"][which], "live": live}
+    return {
+        # padded row -> token (num_tokens: padding, read as zeros); token -> padded row (past the
+        # end: no adapter, read as zeros)
+        "tile_tokens": jnp.where(tile_tokens >= 0, tile_tokens, num_tokens),
+        "token_rows": jnp.where(lora_ids >= 0, padded_pos, num_tiles * size),
+        "modules": modules,
+    }
+
+
+def lora_delta(x, pool, layer, meta, module: str, out_features: int):
+    """y[t] = (x[t] A_s^T) B_s for the token's adapter s, 0 for tokens without one; [T, out] f32."""
+    tiles, t = meta["lora"], meta["lora"]["modules"][module]
+    num_tiles, rank = t["live"].shape
+    xt = jnp.take(x, tiles["tile_tokens"], axis=0, mode="fill", fill_value=0)
+    xt = xt.reshape(num_tiles, -1, x.shape[-1])                                          # [M, G, in]
+    a = gather_rank_rows(pool, layer, t["a_rows"], x.shape[-1]).astype(x.dtype)         # [M, R, in]
+    shrunk = jnp.einsum("mgi,mri->mgr", xt, a, preferred_element_type=jnp.float32)
+    shrunk = jnp.where(t["live"][:, None, :], shrunk, 0.0)  # rank-rows past a rank may hold anything
+    b = gather_rank_rows(pool, layer, t["b_rows"], out_features)                         # [M, R, out]
+    b = jnp.where(t["live"][..., None], b, 0).astype(jnp.float32)
+    out = jnp.einsum("mgr,mro->mgo", shrunk, b, preferred_element_type=jnp.float32)
+    return jnp.take(out.reshape(-1, out_features), tiles["token_rows"], axis=0, mode="fill", fill_value=0)
+
+
+def paged_attention(q, k_new, v_new, pool, layer, meta, scale):
+    """Same result as reference.paged_attention; q [T, H, D] -> [T, H, D] in q's dtype."""
+    num_tokens, num_heads, head_dim = q.shape
+    kv_heads = pool.shape[4] // head_dim
+    qg = q.reshape(num_tokens, kv_heads, num_heads // kv_heads, head_dim)
+    kn = k_new.reshape(num_tokens, kv_heads, head_dim)
+    vn = v_new.reshape(num_tokens, kv_heads, head_dim)
+    # The batch's own keys: one [T, T] block, masked to the token's sequence and causal order.
+    s = jnp.einsum("tkgd,ukd->tkgu", qg, kn, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(meta["fresh"][:, None, None, :], s, -jnp.inf)
+    m_fresh = s.max(-1)
+    p = jnp.exp(s - m_fresh[..., None])
+    l_fresh = p.sum(-1)
+    acc_fresh = jnp.einsum("tkgu,ukd->tkgd", p.astype(vn.dtype), vn, preferred_element_type=jnp.float32)
+    # The cached context, segment by segment.
+    parts = [_cached(qg[a:b], pool, layer, meta["pages"][a:b], meta["cached_lens"][a:b], trips, meta["block"],
+                     scale) for a, b, trips in meta["segments"]]
+    m_ctx, l_ctx, acc_ctx = (jnp.concatenate(xs) if len(xs) > 1 else xs[0] for xs in zip(*parts))
+    m = jnp.maximum(m_ctx, m_fresh)
+    w_ctx, w_fresh = jnp.exp(m_ctx - m), jnp.exp(m_fresh - m)
+    out = (acc_ctx * w_ctx[..., None] + acc_fresh * w_fresh[..., None]) / (l_ctx * w_ctx + l_fresh * w_fresh)[..., None]
+    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+def _cached(qg, pool, layer, pages, cached_lens, trips, block: int, scale):
+    """Online softmax of qg [R, K, G, D] over each row's cached keys (positions < cached_len),
+    `block` pages per iteration, `trips` iterations: returns (max, sum, weighted values)."""
+    rows, kv_heads, group, head_dim = qg.shape
+    page_size = pool.shape[3]
+    keys_per_block = block * page_size
+
+    def step(i, carry):
+        m, l, acc = carry
+        blk = lax.dynamic_slice_in_dim(pages, i * block, block, axis=1)              # [R, block]
+        k = pool[layer, 0, blk].reshape(rows, keys_per_block, kv_heads, head_dim)
+        v = pool[layer, 1, blk].reshape(rows, keys_per_block, kv_heads, head_dim)
+        s = jnp.einsum("rkgd,rlkd->rkgl", qg, k, preferred_element_type=jnp.float32) * scale
+        visible = (i * keys_per_block + jnp.arange(keys_per_block))[None, :] < cached_lens[:, None]
+        s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        acc = acc * corr[..., None] + jnp.einsum("rkgl,rlkd->rkgd", p.astype(v.dtype), v,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, l * corr + p.sum(-1), acc
+
+    init = (jnp.full((rows, kv_heads, group), _NEG, jnp.float32), jnp.zeros((rows, kv_heads, group), jnp.float32),
+            jnp.zeros((rows, kv_heads, group, head_dim), jnp.float32))
+    return lax.fori_loop(0, trips, step, init)
