@@ -88,7 +88,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-BENCHMARKS = ("adapters", "engine", "kernels")
+BENCHMARKS = ("adapters", "engine", "kernels", "throughput")
 
 
 def cmd_bench(args) -> int:
