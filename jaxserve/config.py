@@ -107,7 +107,7 @@ class EngineConfig:
     lora_modules: tuple[str, ...] = LORA_MODULES  # modules adapters may adapt (fixed: bounds compiles)
     seed: int = 0
     page_size: int = 16
-    max_num_seqs: int = 32
+    max_num_seqs: int = 128             # measured on the 2-core CPU: see README (defaults)
     max_num_batched_tokens: int = 512
     pool_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
