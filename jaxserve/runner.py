@@ -7,8 +7,8 @@ of two, capped at max_num_batched_tokens), logits are computed for min(tokens,
 max_num_seqs) rows, and the sequence axis is always max_num_seqs. Backends that cut page tables
 to the batch's longest sequence (reference, pallas) add page buckets (1, 4, 16, ... pages); the
 xla backend walks pages in a loop and needs none. With LoRA, the xla backend's tile count is
-picked per step from the batch (exact tiles needed, rounded up to one of three counts per token
-bucket); the other backends take the adapter tables as they are. The persistent compilation
+picked per step from the batch (the tiles it needs, rounded up to one of three options per token
+bucket, the last of which holds any batch); the other backends take the adapter tables as they are. The persistent compilation
 cache makes later start-ups fast.
 """
 from __future__ import annotations
@@ -101,13 +101,22 @@ def lora_tile_size(num_tokens: int) -> int:
     return 16 if num_tokens >= 128 else 8
 
 
-def lora_tile_counts(num_tokens: int, max_loras: int) -> list[int]:
-    """The tile counts compiled for a token bucket: room for the tokens in full tiles plus 1, 8 or
-    max_loras partial ones. The last always suffices: n adapters need at most T // size + n tiles,
-    and never more than T."""
+# What one LoRA tile's rank-rows cost to gather from the pool, in units of one token's matmul
+# work in it (measured on the 2-core CPU: ~5 GB/s gathers against ~30 GFLOP/s small matmuls).
+TILE_GATHER_COST = 12
+
+
+def lora_tile_options(num_tokens: int, max_loras: int) -> list[tuple[int, int]]:
+    """The (tile count, tile size) pairs compiled for a token bucket, smallest first: room for
+    the tokens in full tiles plus 1 or 8 partial ones, then one that holds any batch — the bound
+    T // size + min(max_loras, T) tiles, or T tiles of one token (each token reads its own
+    adapter's rows, as MBGMV does) where that costs less: small batches of many adapters."""
     size = lora_tile_size(num_tokens)
     cap = min(num_tokens, num_tokens // size + min(max_loras, num_tokens))
-    return sorted({min(cap, -(-num_tokens // size) + extra) for extra in (1, 8)} | {cap})
+    options = [(n, size) for n in sorted({min(cap, -(-num_tokens // size) + extra) for extra in (1, 8)})]
+    per_token = num_tokens * (TILE_GATHER_COST + 1) < cap * (TILE_GATHER_COST + size)
+    last = (num_tokens, 1) if per_token else (cap, size)
+    return options + [last] if last != options[-1] else options
 
 
 def lora_tiles_needed(lora_ids: np.ndarray, size: int) -> int:
@@ -153,9 +162,10 @@ class ModelRunner:
         ctx_rows = 0 if ctx_rows == num_tokens else ctx_rows
         if lora_ids is None:
             return StepPlan(0, 0, ctx_rows)
-        size = lora_tile_size(num_tokens)
-        need = lora_tiles_needed(lora_ids, size)
-        return StepPlan(_pick(lora_tile_counts(num_tokens, self.max_loras), need), size, ctx_rows)
+        for tiles, size in lora_tile_options(num_tokens, self.max_loras):
+            if size == 1 or lora_tiles_needed(lora_ids, size) <= tiles:
+                return StepPlan(tiles, size, ctx_rows)
+        raise AssertionError("the last tile option holds any batch")
 
     def num_logits(self, num_tokens: int) -> int:
         return min(num_tokens, self.max_num_seqs)
@@ -166,9 +176,8 @@ class ModelRunner:
         for tokens in self.token_buckets:
             plans = [self.plan(tokens, None)]
             if self.backend.lora_tiles:
-                size = lora_tile_size(tokens)
                 plans += [self.plan(tokens, None)._replace(lora_tiles=n, tile_size=size)
-                          for n in lora_tile_counts(tokens, self.max_loras)]
+                          for n, size in lora_tile_options(tokens, self.max_loras)]
             else:
                 plans.append(StepPlan(1, 0, 0))
             variants += [(tokens, pages, plan) for pages in self.page_buckets for plan in plans]

@@ -12,7 +12,7 @@ import pytest
 from jaxserve.model.llama import Batch
 from jaxserve.pallas import reference, xla
 from jaxserve.pallas.plan import StepPlan
-from jaxserve.runner import lora_tiles_needed
+from jaxserve.runner import lora_tile_options, lora_tiles_needed
 from test_pallas_lora import NUM_LAYERS, RANKS, build_case, numpy_delta
 
 
@@ -98,7 +98,7 @@ def lora_case(rng, num_tokens, adapters_used):
     return rng.permutation(ids).astype(np.int32)
 
 
-@pytest.mark.parametrize("num_tokens,tile_size", [(5, 8), (40, 8), (64, 16), (130, 16)])
+@pytest.mark.parametrize("num_tokens,tile_size", [(5, 8), (40, 8), (64, 16), (130, 16), (20, 1)])
 @pytest.mark.parametrize("adapters_used", [(2,), (0, 4), (0, 1, 2, 3, 4)])
 def test_lora_delta_matches_reference_and_float64(num_tokens, tile_size, adapters_used):
     """Ranks 0/4/8/16/64 mixed with tokens without an adapter, in ONE call per module width;
@@ -112,7 +112,7 @@ def test_lora_delta_matches_reference_and_float64(num_tokens, tile_size, adapter
         batch = Batch(*(np.zeros(num_tokens, np.int32),) * 4, np.zeros((1, 1), np.int32), ids,
                       np.zeros(1, np.int32), np.zeros(num_tokens, np.int32), np.zeros(num_tokens, np.int32))
         exact = lora_tiles_needed(ids, tile_size)
-        for num_tiles in sorted({exact, num_tokens // tile_size + min(len(RANKS), num_tokens)}):
+        for num_tiles in sorted({exact, min(num_tokens, num_tokens // tile_size + min(len(RANKS), num_tokens))}):
             meta = xla.prepare(batch, lora, pool, StepPlan(lora_tiles=num_tiles, tile_size=tile_size))
             delta = jax.jit(xla.lora_delta, static_argnums=(4, 5))
             for layer in range(NUM_LAYERS):
@@ -127,3 +127,18 @@ def test_tile_plan_counts_exactly_the_tiles_a_batch_needs():
     ids = np.array([0] * 17 + [1] * 3 + [-1] * 5 + [2] * 16, np.int32)
     assert lora_tiles_needed(ids, 16) == 2 + 1 + 1
     assert lora_tiles_needed(np.full(8, -1, np.int32), 8) == 1   # never zero tiles
+
+
+@pytest.mark.parametrize("num_tokens", [16, 32, 64, 128, 512])
+@pytest.mark.parametrize("max_loras", [1, 8, 32])
+def test_last_tile_option_holds_any_batch(num_tokens, max_loras):
+    """The runner's last option must fit the worst batch: every token a different adapter (as far
+    as max_loras allows), each segment as ragged as possible."""
+    options = lora_tile_options(num_tokens, max_loras)
+    assert options == sorted(options, key=lambda o: o[0] * (12 + o[1]))  # cheapest first
+    tiles, size = options[-1]
+    rng = np.random.default_rng(num_tokens)
+    for _ in range(20):
+        n = int(rng.integers(1, max_loras + 1))
+        ids = rng.integers(0, n, num_tokens).astype(np.int32)
+        assert size == 1 and tiles == num_tokens or lora_tiles_needed(ids, size) <= tiles
