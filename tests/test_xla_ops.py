@@ -107,16 +107,23 @@ def test_lora_delta_matches_reference_and_float64(num_tokens, tile_size, adapter
     ids = lora_case(rng, num_tokens, adapters_used)
     for row_width, page_size, fan_in, fan_out in ((16, 4, 48, 40), (32, 8, 32, 96)):
         pool, a_rows, b_rows, ranks, dense = build_case(rng, row_width, page_size, fan_in, fan_out, jnp.float32)
-        lora = {"m": {"a_rows": a_rows, "b_rows": b_rows, "rank": ranks}}
+        # A second module sharing x: the same pool rows, each adapter slot pointing at the next
+        # adapter's rows (so a swapped or misaligned rank slice of the shared shrink shows).
+        shift = (np.arange(len(RANKS)) + 1) % len(RANKS)
+        lora = {"m": {"a_rows": a_rows, "b_rows": b_rows, "rank": ranks},
+                "m2": {"a_rows": a_rows[shift], "b_rows": b_rows[shift], "rank": ranks[shift]}}
+        ids2 = np.where(ids >= 0, shift[np.maximum(ids, 0)], -1)
         x = rng.standard_normal((num_tokens, fan_in)).astype(np.float32)
         batch = Batch(*(np.zeros(num_tokens, np.int32),) * 4, np.zeros((1, 1), np.int32), ids,
                       np.zeros(1, np.int32), np.zeros(num_tokens, np.int32), np.zeros(num_tokens, np.int32))
         exact = lora_tiles_needed(ids, tile_size)
         for num_tiles in sorted({exact, min(num_tokens, num_tokens // tile_size + min(len(RANKS), num_tokens))}):
             meta = xla.prepare(batch, lora, pool, StepPlan(lora_tiles=num_tiles, tile_size=tile_size))
-            delta = jax.jit(xla.lora_delta, static_argnums=(4, 5))
+            deltas = jax.jit(xla.lora_deltas, static_argnums=(4, 5))
             for layer in range(NUM_LAYERS):
-                got = np.asarray(delta(x, pool, np.int32(layer), meta, "m", fan_out))
+                got, got2 = map(np.asarray, deltas(x, pool, np.int32(layer), meta, ("m", "m2"), (fan_out, fan_out)))
+                np.testing.assert_allclose(got2, numpy_delta(x, dense, layer, ids2, fan_out), atol=1e-4, rtol=1e-4,
+                                           err_msg=f"tiles={num_tiles}, second module of a shared shrink")
                 spec = np.asarray(reference.lora_delta(x, pool, np.int32(layer), a_rows, b_rows, ranks, ids, fan_out))
                 want = numpy_delta(x, dense, layer, ids, fan_out)
                 np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=f"tiles={num_tiles} vs numpy")

@@ -102,14 +102,18 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
     def layer(h, inputs):
         index, w = inputs
 
-        def proj(x, name):  # weights are keyed "q", LoRA modules "q_proj" (PEFT's names)
-            y = jnp.dot(x, w[name], preferred_element_type=jnp.float32)
-            if lora is not None and name + "_proj" in lora:
-                y = y + op.lora_delta(x, pool, index, meta, name + "_proj", y.shape[-1])
-            return y.astype(x.dtype)
+        def proj(x, *names):  # weights are keyed "q", LoRA modules "q_proj" (PEFT's names)
+            ys = [jnp.dot(x, w[name], preferred_element_type=jnp.float32) for name in names]
+            adapted = [i for i, name in enumerate(names) if lora is not None and name + "_proj" in lora]
+            if adapted:  # projections of one input share the LoRA op (one shrink for all)
+                deltas = op.lora_deltas(x, pool, index, meta, tuple(names[i] + "_proj" for i in adapted),
+                                        tuple(ys[i].shape[-1] for i in adapted))
+                for i, delta in zip(adapted, deltas):
+                    ys[i] = ys[i] + delta
+            return [y.astype(x.dtype) for y in ys]
 
         x = rms_norm(h, w["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = proj(x, "q"), proj(x, "k"), proj(x, "v")
+        q, k, v = proj(x, "q", "k", "v")
         if cfg.attention_bias:
             q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
         q = apply_rope(q.reshape(num_tokens, cfg.num_heads, cfg.head_dim), batch.positions, inv_freq)
@@ -118,10 +122,11 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
         k = k.reshape(num_tokens, cfg.kv_size).astype(pool.dtype)
         v = v.astype(pool.dtype)
         attn = op.paged_attention(q, k, v, pool, index, meta, scale)
-        h = h + proj(attn.reshape(num_tokens, cfg.q_size), "o")
+        h = h + proj(attn.reshape(num_tokens, cfg.q_size), "o")[0]
         x = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
-        gated = jax.nn.silu(proj(x, "gate").astype(jnp.float32)) * proj(x, "up").astype(jnp.float32)
-        h = h + proj(gated.astype(x.dtype), "down")
+        gate, up = proj(x, "gate", "up")
+        gated = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
+        h = h + proj(gated.astype(x.dtype), "down")[0]
         return h, (k, v)
 
     token_ids = jnp.where(batch.prev_rows >= 0, prev_tokens[jnp.maximum(batch.prev_rows, 0)], batch.token_ids)

@@ -3,7 +3,8 @@
 The model calls a backend's ops from here and never a backend directly. A backend is a `Backend`:
 `prepare(batch, lora, pool, plan)` runs once per step, outside the layer loop, and returns
 metadata every layer reuses; `paged_attention(q, k_new, v_new, pool, layer, meta, scale)` and
-`lora_delta(x, pool, layer, meta, module, out_features)` run per layer. reference.py is the spec:
+`lora_deltas(x, pool, layer, meta, modules, out_features)` (modules that share the input x,
+e.g. q/k/v) run per layer. reference.py is the spec:
 a backend must compute what it computes. The engine picks a backend by name
 (`EngineConfig.kernels`):
 
@@ -34,7 +35,7 @@ DEFAULT = "xla"
 class Backend(NamedTuple):
     prepare: Callable          # (batch, lora, pool, plan) -> meta, once per step
     paged_attention: Callable  # (q, k_new, v_new, pool, layer, meta, scale) -> [T, H, D]
-    lora_delta: Callable       # (x, pool, layer, meta, module, out_features) -> [T, out] float32
+    lora_deltas: Callable      # (x, pool, layer, meta, modules, out_features) -> ([T, out_m] float32, ...)
     page_buckets: bool         # wants page tables cut to the batch's longest sequence (a shape bucket)
     lora_tiles: bool           # takes a LoRA tile count from the runner (StepPlan.lora_tiles)
 
@@ -50,16 +51,17 @@ def _spec_backend(attention: Callable, lora_op: Callable) -> Backend:
         return attention(q, k_new, v_new, pool, layer, b.page_tables, b.token_seq, b.positions, b.cached_lens,
                          meta["valid"], scale)
 
-    def delta(x, pool, layer, meta, module, out_features):
-        t = meta["lora"][module]
-        return lora_op(x, pool, layer, t["a_rows"], t["b_rows"], t["rank"], meta["batch"].lora_ids, out_features)
+    def deltas(x, pool, layer, meta, modules, out_features):
+        tables = [meta["lora"][m] for m in modules]
+        return tuple(lora_op(x, pool, layer, t["a_rows"], t["b_rows"], t["rank"], meta["batch"].lora_ids, out)
+                     for t, out in zip(tables, out_features))
 
-    return Backend(_spec_prepare, attend, delta, page_buckets=True, lora_tiles=False)
+    return Backend(_spec_prepare, attend, deltas, page_buckets=True, lora_tiles=False)
 
 
 _BACKENDS: dict[str, Backend] = {
     "reference": _spec_backend(reference.paged_attention, reference.lora_delta),
-    "xla": Backend(xla.prepare, xla.paged_attention, xla.lora_delta, page_buckets=False, lora_tiles=True),
+    "xla": Backend(xla.prepare, xla.paged_attention, xla.lora_deltas, page_buckets=False, lora_tiles=True),
 }
 # Backends that only compile for an accelerator: asking for one on a CPU is a clear error up front.
 _NEEDS_ACCELERATOR = {"pallas": "pallas-interpret"}

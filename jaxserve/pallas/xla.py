@@ -5,7 +5,8 @@ kernels are measured faster there. It computes what reference.py specifies, orga
   each token's page list and context blocks, the fresh-key mask, and the LoRA tiles.
 - LoRA is grouped by adapter, not computed per token: tokens are sorted by adapter into tiles of
   `tile_size` tokens of one adapter (pallas/tiles.py); each tile reads its adapter's rank-rows from
-  the pool once per layer and runs two small matmuls (shrink, expand). The cost grows with the
+  the pool once per layer and runs two small matmuls (shrink, expand); modules that share their
+  input (q/k/v, gate/up) share one shrink. The cost grows with the
   tile count (about tokens / tile_size + distinct adapters), not with tokens x rank, and nothing
   is padded to the largest rank in memory. The tile count is static and chosen by the runner,
   which knows the batch (runner.lora_tile_plan), so a batch of 8 adapters does not pay for 32.
@@ -76,19 +77,33 @@ def _prepare_lora(lora_ids, lora, plan: StepPlan) -> dict:
     }
 
 
-def lora_delta(x, pool, layer, meta, module: str, out_features: int):
-    """y[t] = (x[t] A_s^T) B_s for the token's adapter s, 0 for tokens without one; [T, out] f32."""
-    tiles, t = meta["lora"], meta["lora"]["modules"][module]
-    num_tiles, rank = t["live"].shape
+def lora_deltas(x, pool, layer, meta, modules: tuple[str, ...], out_features: tuple[int, ...]):
+    """For modules that share the input x (q/k/v; gate/up): y_m[t] = (x[t] A_s^T) B_s for the
+    token's adapter s, 0 for tokens without one; a tuple of [T, out_m] float32. One tile gather
+    of x and ONE shrink matmul over the modules' rank-rows side by side, then one expand each."""
+    tiles, ts = meta["lora"], [meta["lora"]["modules"][m] for m in modules]
+    num_tiles = ts[0]["live"].shape[0]
     xt = jnp.take(x, tiles["tile_tokens"], axis=0, mode="fill", fill_value=0)
     xt = xt.reshape(num_tiles, -1, x.shape[-1])                                          # [M, G, in]
-    a = gather_rank_rows(pool, layer, t["a_rows"], x.shape[-1]).astype(x.dtype)         # [M, R, in]
+    a_rows = jnp.concatenate([t["a_rows"] for t in ts], axis=1)                          # [M, sum R, ca]
+    live = jnp.concatenate([t["live"] for t in ts], axis=1)
+    a = gather_rank_rows(pool, layer, a_rows, x.shape[-1]).astype(x.dtype)              # [M, sum R, in]
     shrunk = jnp.einsum("mgi,mri->mgr", xt, a, preferred_element_type=jnp.float32)
-    shrunk = jnp.where(t["live"][:, None, :], shrunk, 0.0)  # rank-rows past a rank may hold anything
-    b = gather_rank_rows(pool, layer, t["b_rows"], out_features)                         # [M, R, out]
-    b = jnp.where(t["live"][..., None], b, 0).astype(jnp.float32)
-    out = jnp.einsum("mgr,mro->mgo", shrunk, b, preferred_element_type=jnp.float32)
-    return jnp.take(out.reshape(-1, out_features), tiles["token_rows"], axis=0, mode="fill", fill_value=0)
+    shrunk = jnp.where(live[:, None, :], shrunk, 0.0)  # rank-rows past a rank may hold anything
+    outs, start = [], 0
+    for t, width in zip(ts, out_features):
+        rank = t["live"].shape[1]
+        b = gather_rank_rows(pool, layer, t["b_rows"], width)                            # [M, R, out]
+        b = jnp.where(t["live"][..., None], b, 0).astype(jnp.float32)
+        out = jnp.einsum("mgr,mro->mgo", shrunk[..., start:start + rank], b, preferred_element_type=jnp.float32)
+        outs.append(jnp.take(out.reshape(-1, width), tiles["token_rows"], axis=0, mode="fill", fill_value=0))
+        start += rank
+    return tuple(outs)
+
+
+def lora_delta(x, pool, layer, meta, module: str, out_features: int):
+    """One module's delta (reference.lora_delta's result): lora_deltas for a single module."""
+    return lora_deltas(x, pool, layer, meta, (module,), (out_features,))[0]
 
 
 def paged_attention(q, k_new, v_new, pool, layer, meta, scale):
