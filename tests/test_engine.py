@@ -256,5 +256,5 @@ def test_generate_ignores_other_requests_in_the_engine(tiny_llm, golden):
 
 
 def test_budget_below_max_num_seqs_is_rejected():
-    with pytest.raises(ValueError, match="max_num_batched_tokens=8 is invalid; allowed: at least max_num_seqs=32"):
+    with pytest.raises(ValueError, match="max_num_batched_tokens=8 is invalid; allowed: at least max_num_seqs=128"):
         Engine(model=str(TINY), max_num_batched_tokens=8)
