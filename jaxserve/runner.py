@@ -155,9 +155,9 @@ class ModelRunner:
     # ---- shapes and compilation -----------------------------------------------------------
     def plan(self, num_tokens: int, lora_ids: np.ndarray | None) -> StepPlan:
         """The static choices for a step of num_tokens (a bucket) tokens; lora_ids None: no LoRA."""
-        # Decode tokens and continuing chunks come first: the first attention segment holds them.
         if not self.backend.lora_tiles:  # a spec-signature backend: only "LoRA or not" is static
             return StepPlan(0 if lora_ids is None else 1, 0, 0)
+        # Decode tokens and continuing chunks come first: the first attention segment holds them.
         ctx_rows = min(num_tokens, max(self.max_num_seqs, num_tokens // 2))
         ctx_rows = 0 if ctx_rows == num_tokens else ctx_rows
         if lora_ids is None:
