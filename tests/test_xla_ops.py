@@ -12,7 +12,7 @@ import pytest
 from jaxserve.model.llama import Batch
 from jaxserve.pallas import reference, xla
 from jaxserve.pallas.plan import StepPlan
-from jaxserve.runner import lora_tile_options, lora_tiles_needed
+from jaxserve.shapes import lora_tile_options, lora_tiles_needed
 from test_pallas_lora import NUM_LAYERS, RANKS, build_case, numpy_delta
 
 
