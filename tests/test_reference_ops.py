@@ -7,6 +7,7 @@ from jaxserve.config import LORA_MODULES, ModelConfig
 from jaxserve.lora.layout import local_rows, pack_rows, plan_layout, pool_rows, split_tables, table_layout
 from jaxserve.lora.peft import LoRAWeights, PeftAdapter
 from jaxserve.pallas import reference
+from test_xla_ops import attention_case, numpy_attention
 
 
 @pytest.mark.parametrize("page_size,heads,kv_heads,head_dim", [(4, 4, 2, 16), (8, 6, 3, 8), (16, 8, 1, 32)])
@@ -15,44 +16,17 @@ def test_paged_attention_ragged_random_pages(page_size, heads, kv_heads, head_di
     a 3-layer pool; each brings a chunk of new tokens (a prefill chunk, or one decode token)
     whose keys come from the batch, the earlier ones from the pool; plus padding tokens."""
     rng = np.random.default_rng(page_size)
-    num_pages, max_pages = 40, 6
-    context = [1, page_size, page_size + 1, max_pages * page_size - 3]
-    perm = rng.permutation(num_pages)
-    tables = np.stack([perm[i * max_pages:(i + 1) * max_pages] for i in range(len(context))]).astype(np.int32)
-    width = kv_heads * head_dim
-    keys = [rng.standard_normal((n, width)).astype(np.float32) for n in context]
-    values = [rng.standard_normal((n, width)).astype(np.float32) for n in context]
-    pool = rng.standard_normal((3, 2, num_pages, page_size, width)).astype(np.float32)  # noise elsewhere
-    token_seq, positions, cached, k_new, v_new = [], [], [], [], []
-    for s, n in enumerate(context):
-        chunk = 1 if s % 2 else min(n, 3)
-        for j in range(n - chunk):  # the cached prefix lives in the pool
-            pool[1, 0, tables[s, j // page_size], j % page_size] = keys[s][j]
-            pool[1, 1, tables[s, j // page_size], j % page_size] = values[s][j]
-        for j in range(n - chunk, n):
-            token_seq.append(s), positions.append(j), cached.append(n - chunk)
-            k_new.append(keys[s][j]), v_new.append(values[s][j])
-    pad = 3  # padding tokens: sequence 0, position 0, never a key
-    token_seq += [0] * pad
-    positions += [0] * pad
-    cached += [0] * pad
-    k_new += [rng.standard_normal(width).astype(np.float32) * 100] * pad
-    v_new += [rng.standard_normal(width).astype(np.float32) * 100] * pad
-    valid = np.array([True] * (len(positions) - pad) + [False] * pad)
-    token_seq, positions, cached = (np.array(a, np.int32) for a in (token_seq, positions, cached))
-    q = rng.standard_normal((len(positions), heads, head_dim)).astype(np.float32)
+    context = [1, page_size, page_size + 1, 6 * page_size - 3]
+    chunks = [1 if s % 2 else min(n, 3) for s, n in enumerate(context)]
+    q, k_new, v_new, pool, batch, keys, values = attention_case(rng, page_size, heads, kv_heads, head_dim,
+                                                                context, chunks, pad=3)
     scale = head_dim ** -0.5
-    got = np.asarray(reference.paged_attention(q, np.stack(k_new), np.stack(v_new), pool, np.int32(1), tables,
-                                               token_seq, positions, cached, valid, scale))
-    for t in range(len(positions) - pad):
-        s, n = token_seq[t], positions[t] + 1
-        k, v = keys[s][:n].astype(np.float64), values[s][:n].astype(np.float64)
-        for h in range(heads):
-            kv = h // (heads // kv_heads)
-            sc = k[:, kv * head_dim:(kv + 1) * head_dim] @ q[t, h].astype(np.float64) * scale
-            p = np.exp(sc - sc.max())
-            want = (p / p.sum()) @ v[:, kv * head_dim:(kv + 1) * head_dim]
-            np.testing.assert_allclose(got[t, h], want, atol=2e-5, rtol=2e-5)
+    got = np.asarray(reference.paged_attention(q, k_new, v_new, pool, np.int32(1), batch.page_tables,
+                                               batch.token_seq, batch.positions, batch.cached_lens,
+                                               batch.slot_mapping >= 0, scale))
+    real = sum(chunks)
+    want = numpy_attention(q, batch, keys, values, heads, kv_heads, head_dim, scale, real)
+    np.testing.assert_allclose(got[:real], want, atol=2e-5, rtol=2e-5)
 
 
 def random_adapter(cfg, ranks: dict, rng):

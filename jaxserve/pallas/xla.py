@@ -19,7 +19,6 @@ kernels are measured faster there. It computes what reference.py specifies, orga
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -99,11 +98,6 @@ def lora_deltas(x, pool, layer, meta, modules: tuple[str, ...], out_features: tu
         outs.append(jnp.take(out.reshape(-1, width), tiles["token_rows"], axis=0, mode="fill", fill_value=0))
         start += rank
     return tuple(outs)
-
-
-def lora_delta(x, pool, layer, meta, module: str, out_features: int):
-    """One module's delta (reference.lora_delta's result): lora_deltas for a single module."""
-    return lora_deltas(x, pool, layer, meta, (module,), (out_features,))[0]
 
 
 def paged_attention(q, k_new, v_new, pool, layer, meta, scale):
