@@ -31,7 +31,7 @@ from jaxserve.model import llama
 from jaxserve.pallas import ops
 from jaxserve.pallas.plan import StepPlan
 from jaxserve.shapes import lora_tile_options, lora_tiles_needed, token_buckets
-from jaxserve.sampling import MAX_LOGPROBS, sample_packed
+from jaxserve.sampling import MAX_LOGPROBS, SAMPLER_MODES, sample_packed, sampler_mode
 from jaxserve.sequence import Sequence
 
 logger = logging.getLogger("jaxserve")
@@ -161,15 +161,15 @@ class ModelRunner:
         for r in rows:
             logits = jax.ShapeDtypeStruct((r, self.cfg.vocab_size), jnp.float32)
             for num_logprobs in (0, MAX_LOGPROBS):
-                for use_filters in (False, True):
+                for mode in SAMPLER_MODES:
                     sample_packed.lower(logits, np.zeros((r, 2), np.float32), np.zeros((r, 4), np.int32),
-                                        num_logprobs=num_logprobs, use_filters=use_filters, pad_to=n).compile()
+                                        num_logprobs=num_logprobs, mode=mode, pad_to=n).compile()
         self.device_pool.warmup(self.adapters.max_adapter_pages())
         self.num_compiled = backend_compiles() - before
         self.compile_seconds = time.perf_counter() - start
         logger.info("warm-up: %d batch shapes + %d sampler variants + page writes ready (%d executables "
                     "built or loaded from the compilation cache) in %.1f s", len(self.shape_variants()),
-                    4 * len(rows), self.num_compiled, self.compile_seconds)
+                    2 * len(SAMPLER_MODES) * len(rows), self.num_compiled, self.compile_seconds)
 
     # ---- one step -------------------------------------------------------------------------
     def bind(self, seq: Sequence) -> None:
@@ -255,14 +255,14 @@ class ModelRunner:
         ints[:, 1:3] = rows[:, 3:5].astype(np.uint32).view(np.int32)
         floats = rows[:, :2].astype(np.float32)
         num_logprobs = MAX_LOGPROBS if wanted > 0 else 0  # one compiled variant serves every N
-        use_filters = bool(((rows[:, 2] > 0) | (rows[:, 1] < 1.0)).any())
+        mode = sampler_mode(rows[:, 0], rows[:, 2], rows[:, 1])
         num_tokens = tokens.shape[1]
         plan = self.plan(num_tokens, tokens[4] if active else None)
         rows_out = self.num_logits(num_tokens)
         logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, tokens, seqs,
                                                        self._last_tokens, *lora, plan=plan, num_logits=rows_out)
         arrays = sample_packed(logits, floats[:rows_out], ints[:rows_out], num_logprobs=num_logprobs,
-                               use_filters=use_filters, pad_to=self.max_num_seqs)
+                               mode=mode, pad_to=self.max_num_seqs)
         self._last_tokens = arrays[0]
         self._dispatched += 1
         step = self._dispatched

@@ -71,49 +71,70 @@ class SamplingParams:
             bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
 
 
-@partial(jax.jit, static_argnames=("num_logprobs", "use_filters"))
-def sample(logits, temperature, top_k, top_p, seeds, steps, num_logprobs: int = 0, use_filters: bool = True):
+# Static sampler variants, cheapest first: "greedy" (no row samples: no random draw at all, which
+# on CPU costs more than the argmax — a draw over the vocabulary for every row), "random" (some row
+# samples, no row filters), "filtered" (some row uses top-k or top-p: the vocabulary sort).
+SAMPLER_MODES = ("greedy", "random", "filtered")
+
+
+def sampler_mode(temperature, top_k, top_p) -> str:
+    """The cheapest SAMPLER_MODES entry that serves rows with these (host numpy) parameters."""
+    if not (temperature > 0).any():
+        return "greedy"
+    return "filtered" if ((top_k > 0) | (top_p < 1.0)).any() else "random"
+
+
+@partial(jax.jit, static_argnames=("num_logprobs", "mode"))
+def sample(logits, temperature, top_k, top_p, seeds, steps, num_logprobs: int = 0, mode: str = "filtered"):
     """Sample one token per row, on device.
 
     logits [N, V] float32; temperature, top_p [N] float32; top_k [N] int32 (-1: off);
     seeds [N, 2] uint32 (a request's 64-bit seed) and steps [N] int32 (its output length so far):
     each row draws from its own key, so a request's tokens never depend on its neighbours.
-    use_filters=False (static) skips the vocabulary sort when no row uses top-k or top-p.
+    mode (static, one of SAMPLER_MODES) skips the work no row needs; a row gets the same token in
+    every mode that serves it.
     Returns (tokens [N], sampled token's logprob [N], top ids [N, k], top logprobs [N, k]).
     """
+    if mode not in SAMPLER_MODES:
+        raise ValueError(f"mode={mode!r} is invalid; allowed: {', '.join(SAMPLER_MODES)}")
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     greedy = jnp.argmax(logits, axis=-1)
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s[0]), s[1]), t))(
-        seeds, steps)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    if use_filters:
-        # Filters work on the logits sorted in descending order; the draw picks a rank.
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-        rank = jnp.arange(logits.shape[-1])[None, :]
-        keep = (top_k[:, None] < 0) | (rank < top_k[:, None])
-        probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep &= mass_before < top_p[:, None]  # always keeps rank 0
-        picked_rank = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, sorted_logits, -jnp.inf))
-        sampled = jnp.take_along_axis(order, picked_rank[:, None], axis=-1)[:, 0]
+    if mode == "greedy":
+        tokens = greedy.astype(jnp.int32)
     else:
-        sampled = jax.vmap(jax.random.categorical)(keys, scaled)
-    tokens = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+        keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s[0]), s[1]), t))(
+            seeds, steps)
+        # Gumbel-max, the noise drawn in vocabulary order whatever the mode: a row without
+        # filters gets the same token in "random" and "filtered" mode, so a seeded request's
+        # tokens do not depend on whether a neighbour in the batch uses top-k or top-p.
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        noisy = scaled + jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:]))(keys)
+        if mode == "filtered":
+            # Filters work on the logits sorted in descending order (rank 0 is always kept).
+            order = jnp.argsort(-logits, axis=-1)
+            sorted_scaled = jnp.take_along_axis(scaled, order, axis=-1)
+            rank = jnp.arange(logits.shape[-1])[None, :]
+            keep = (top_k[:, None] < 0) | (rank < top_k[:, None])
+            probs = jax.nn.softmax(jnp.where(keep, sorted_scaled, -jnp.inf), axis=-1)
+            keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+            keep_by_token = jnp.zeros_like(keep).at[jnp.arange(keep.shape[0])[:, None], order].set(keep)
+            noisy = jnp.where(keep_by_token, noisy, -jnp.inf)
+        sampled = jnp.argmax(noisy, axis=-1)
+        tokens = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
     token_logprob = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = jax.lax.top_k(logprobs, num_logprobs)
     return tokens, token_logprob, top_ids, top_logprobs
 
 
-@partial(jax.jit, static_argnames=("num_logprobs", "use_filters", "pad_to"))
-def sample_packed(logits, floats, ints, num_logprobs: int = 0, use_filters: bool = True, pad_to: int = 0):
+@partial(jax.jit, static_argnames=("num_logprobs", "mode", "pad_to"))
+def sample_packed(logits, floats, ints, num_logprobs: int = 0, mode: str = "filtered", pad_to: int = 0):
     """`sample` with its per-row inputs packed into two arrays, so a step sends two small arrays
     to the device instead of five (each transfer costs tens of microseconds on the host):
     floats [N, 2] = temperature, top_p; ints [N, 4] int32 = top_k, seed low, seed high (the
     uint32 halves' bits), step. The tokens come back zero-padded to pad_to rows."""
     seeds = jax.lax.bitcast_convert_type(ints[:, 1:3], jnp.uint32)
     tokens, *rest = sample(logits, floats[:, 0], ints[:, 0], floats[:, 1], seeds, ints[:, 3],
-                           num_logprobs=num_logprobs, use_filters=use_filters)
+                           num_logprobs=num_logprobs, mode=mode)
     # The next step feeds pending decode tokens from these rows: one length for every step's
     # tokens (max_num_seqs) keeps the forward's input shape fixed whatever this step's row count.
     return (jnp.pad(tokens, (0, max(0, pad_to - tokens.shape[0]))), *rest)

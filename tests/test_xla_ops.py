@@ -90,6 +90,31 @@ def test_paged_attention_matches_reference_and_float64(page_size, heads, kv_head
     np.testing.assert_allclose(got[:real], want, atol=2e-5, rtol=2e-5, err_msg="vs float64 numpy")
 
 
+
+@pytest.mark.parametrize("fresh_block", [16, 64])
+@pytest.mark.parametrize("page_size,heads,kv_heads,head_dim", [(4, 4, 2, 16), (16, 9, 3, 64)])
+def test_packed_prompts_across_fresh_blocks(monkeypatch, fresh_block, page_size, heads, kv_heads, head_dim):
+    """A step like a serving step's: decode tokens, then many prompts packed back to back —
+    chunks that straddle fresh-key blocks, one longer than two blocks, one continuing with a
+    cached prefix — and padding that leaves the last block partial."""
+    monkeypatch.setattr(xla, "FRESH_BLOCK", fresh_block)
+    rng = np.random.default_rng(fresh_block + page_size)
+    contexts = [30, 5, 60, 150, 21, 17, 40, 9]
+    chunks = [1, 1, 41, 150, 21, 17, 33, 9]    # decode x2, continuing, long fresh, fresh x4
+    q, k_new, v_new, pool, batch, keys, values = attention_case(rng, page_size, heads, kv_heads, head_dim,
+                                                                contexts, chunks, pad=11)
+    scale = head_dim ** -0.5
+
+    @jax.jit
+    def attend(q, k_new, v_new, pool, batch):
+        meta = xla.prepare(batch, None, pool, StepPlan(ctx_rows=48))
+        return xla.paged_attention(q, k_new, v_new, pool, np.int32(1), meta, scale)
+    got = np.asarray(attend(q, k_new, v_new, pool, batch))
+    assert np.isfinite(got).all()
+    real = sum(chunks)
+    want = numpy_attention(q, batch, keys, values, heads, kv_heads, head_dim, scale, real)
+    np.testing.assert_allclose(got[:real], want, atol=2e-5, rtol=2e-5)
+
 def lora_case(rng, num_tokens, adapters_used):
     """Token adapters drawn from `adapters_used` (indices into RANKS) plus tokens without one."""
     choices = np.array(list(adapters_used) + [-1])

@@ -2,7 +2,7 @@
 kernels are measured faster there. It computes what reference.py specifies, organised for speed:
 
 - `prepare` runs ONCE per step, outside the layer loop, and every layer reuses what it returns:
-  each token's page list and context blocks, the fresh-key mask, and the LoRA tiles.
+  each token's page list and context blocks, the fresh-key blocks, and the LoRA tiles.
 - LoRA is grouped by adapter, not computed per token: tokens are sorted by adapter into tiles of
   `tile_size` tokens of one adapter (pallas/tiles.py); each tile reads its adapter's rank-rows from
   the pool once per layer and runs two small matmuls (shrink, expand); modules that share their
@@ -12,10 +12,13 @@ kernels are measured faster there. It computes what reference.py specifies, orga
   which knows the batch (runner.lora_tile_plan), so a batch of 8 adapters does not pay for 32.
 - Attention walks each token's cached context in blocks of pages under a while loop whose trip
   count is the longest context in the batch (no page-count shape bucket, no [tokens, max_len]
-  copy), with an online softmax; then the batch's own new keys, merged by log-sum-exp. The rows
-  are cut into two static segments — the first `ctx_rows` (decode tokens and continuing prefill
-  chunks, which the runner puts first) and the rest (new prompts, whose loop usually runs zero
-  times) — so a step of fresh prompts gathers no context for them.
+  copy), with an online softmax; the rows are cut into two static segments — the first
+  `ctx_rows` (decode tokens and continuing prefill chunks, which the runner puts first) and the
+  rest (new prompts, whose loop usually runs zero times) — so a step of fresh prompts gathers no
+  context for them. The same online softmax then goes on over the batch's own new keys,
+  block-diagonally: a sequence's new tokens are contiguous, so each block of FRESH_BLOCK query
+  rows reads only the key blocks from its earliest sequence start to the diagonal (a packed step
+  of short prompts costs a few [64, 64] blocks per query block instead of one [T, T]).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from jaxserve.pallas.reference import gather_rank_rows
 from jaxserve.pallas.tiles import segment_tiles
 
 BLOCK_KEYS = 64       # cached keys each while-loop iteration reads per token (gathers dominate: keep tight)
+FRESH_BLOCK = 64      # query rows (and new keys) per block of the batch's own keys
 _NEG = -1e30          # a finite "minus infinity": exp(_NEG - _NEG) is 1, never NaN
 
 
@@ -41,18 +45,35 @@ def prepare(batch, lora, pool, plan: StepPlan) -> dict:
         pages = jnp.pad(pages, ((0, 0), (0, pad)))
     blocks = -(-batch.cached_lens // (block * page_size))                     # [T] blocks each token needs
     valid = batch.slot_mapping >= 0
-    fresh = ((batch.token_seq[:, None] == batch.token_seq[None, :])
-             & (batch.positions[None, :] <= batch.positions[:, None]) & valid[None, :])
-    # A padding token sees itself, so no row is empty (see reference.paged_attention).
-    fresh |= jnp.eye(num_tokens, dtype=bool)
+    meta_fresh = _prepare_fresh(batch, valid, num_tokens)
     split = plan.ctx_rows if 0 < plan.ctx_rows < num_tokens else num_tokens
     segments = tuple((start, stop, jnp.max(blocks[start:stop], initial=0))
                      for start, stop in ((0, split), (split, num_tokens)) if stop > start)
-    meta = {"pages": pages, "cached_lens": batch.cached_lens, "fresh": fresh, "segments": segments,
-            "block": block}
+    meta = {"pages": pages, "cached_lens": batch.cached_lens, "segments": segments, "block": block,
+            "fresh": meta_fresh}
     if lora is not None and plan.lora_tiles:
         meta["lora"] = _prepare_lora(batch.lora_ids, lora, plan)
     return meta
+
+
+def _prepare_fresh(batch, valid, num_tokens: int) -> dict:
+    """The batch's own keys, in blocks of FRESH_BLOCK rows: a sequence's new tokens are contiguous,
+    so query block b needs key blocks first_block[b]..b only (its earliest token's sequence start
+    to the diagonal) — a packed batch of many short prompts costs a few blocks per query block,
+    not [T, T]. Rows are padded to whole blocks; padding rows see only themselves."""
+    size = min(FRESH_BLOCK, num_tokens)
+    num_blocks = -(-num_tokens // size)
+    pad = num_blocks * size - num_tokens
+    index = jnp.arange(num_tokens)
+    seq_start = index - jnp.where(valid, jnp.clip(batch.positions - batch.cached_lens, 0, index), 0)
+    seq_start = jnp.pad(seq_start, (0, pad), constant_values=num_tokens)
+    first_block = seq_start.reshape(num_blocks, size).min(1) // size
+    blocks = jnp.arange(num_blocks)
+    def padded(x, fill):
+        return jnp.pad(x, (0, pad), constant_values=fill).reshape(num_blocks, size)
+    return {"first_block": first_block, "trips": jnp.max(blocks - first_block) + 1,
+            "query_seq": padded(batch.token_seq, -2), "key_seq": padded(jnp.where(valid, batch.token_seq, -1), -1),
+            "positions": padded(batch.positions, 0)}
 
 
 def _prepare_lora(lora_ids, lora, plan: StepPlan) -> dict:
@@ -107,20 +128,13 @@ def paged_attention(q, k_new, v_new, pool, layer, meta, scale):
     qg = q.reshape(num_tokens, kv_heads, num_heads // kv_heads, head_dim)
     kn = k_new.reshape(num_tokens, kv_heads, head_dim)
     vn = v_new.reshape(num_tokens, kv_heads, head_dim)
-    # The batch's own keys: one [T, T] block, masked to the token's sequence and causal order.
-    s = jnp.einsum("tkgd,ukd->tkgu", qg, kn, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(meta["fresh"][:, None, None, :], s, -jnp.inf)
-    m_fresh = s.max(-1)
-    p = jnp.exp(s - m_fresh[..., None])
-    l_fresh = p.sum(-1)
-    acc_fresh = jnp.einsum("tkgu,ukd->tkgd", p.astype(vn.dtype), vn, preferred_element_type=jnp.float32)
-    # The cached context, segment by segment.
+    # The cached context, segment by segment; then the batch's own keys continue the same
+    # online softmax.
     parts = [_cached(qg[a:b], pool, layer, meta["pages"][a:b], meta["cached_lens"][a:b], trips, meta["block"],
                      scale) for a, b, trips in meta["segments"]]
-    m_ctx, l_ctx, acc_ctx = (jnp.concatenate(xs) if len(xs) > 1 else xs[0] for xs in zip(*parts))
-    m = jnp.maximum(m_ctx, m_fresh)
-    w_ctx, w_fresh = jnp.exp(m_ctx - m), jnp.exp(m_fresh - m)
-    out = (acc_ctx * w_ctx[..., None] + acc_fresh * w_fresh[..., None]) / (l_ctx * w_ctx + l_fresh * w_fresh)[..., None]
+    carry = tuple(jnp.concatenate(xs) if len(xs) > 1 else xs[0] for xs in zip(*parts))
+    m, l, acc = _fresh(qg, kn, vn, meta["fresh"], carry, scale)
+    out = acc / l[..., None]
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
 
@@ -149,3 +163,40 @@ def _cached(qg, pool, layer, pages, cached_lens, trips, block: int, scale):
     init = (jnp.full((rows, kv_heads, group), _NEG, jnp.float32), jnp.zeros((rows, kv_heads, group), jnp.float32),
             jnp.zeros((rows, kv_heads, group, head_dim), jnp.float32))
     return lax.fori_loop(0, trips, step, init)
+
+
+def _fresh(qg, kn, vn, fresh, carry, scale):
+    """Continue the online softmax carry (max, sum, weighted values per row) over the batch's
+    own keys, block-diagonally (see _prepare_fresh): iteration j gives each query block b the key
+    block b - j, masked to the query's sequence and causal order."""
+    num_tokens, kv_heads, group, head_dim = qg.shape
+    num_blocks, size = fresh["query_seq"].shape
+    pad = num_blocks * size - num_tokens
+
+    def blocked(x):
+        return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(num_blocks, size, *x.shape[1:])
+
+    qb, kb, vb = blocked(qg), blocked(kn), blocked(vn)
+    blocks = jnp.arange(num_blocks)
+    diagonal = jnp.eye(size, dtype=bool)
+
+    def step(j, carry):
+        m, l, acc = carry
+        kblock = blocks - j
+        source = jnp.maximum(kblock, 0)
+        k, v = kb[source], vb[source]                                                # [B, size, K, D]
+        s = jnp.einsum("bqkgd,bukd->bqkgu", qb, k, preferred_element_type=jnp.float32) * scale
+        visible = ((fresh["key_seq"][source][:, None, :] == fresh["query_seq"][:, :, None])
+                   & (fresh["positions"][source][:, None, :] <= fresh["positions"][:, :, None])
+                   & (kblock >= fresh["first_block"])[:, None, None])
+        visible |= diagonal & (j == 0)  # every row sees itself: a padding row is never empty
+        s = jnp.where(visible[:, :, None, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        acc = acc * corr[..., None] + jnp.einsum("bqkgu,bukd->bqkgd", p.astype(v.dtype), v,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, l * corr + p.sum(-1), acc
+
+    m, l, acc = lax.fori_loop(0, fresh["trips"], step, tuple(blocked(x) for x in carry))
+    return tuple(x.reshape(num_blocks * size, *x.shape[2:])[:num_tokens] for x in (m, l, acc))
