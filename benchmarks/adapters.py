@@ -9,8 +9,8 @@ adapters of ranks 4/8/16 on q/k/v/o; served by one LLM whose unified pool (fixed
 holds far fewer adapters than N, so adapters are loaded and evicted on demand. Reported side by
 side in one run: tokens/s, its ratio to the N=1 figure, loads, evictions. Compilation is excluded
 (each configuration runs once on its own LLM first; all LLMs of a model share compiled variants,
-so each timed run on a fresh LLM starts with cold adapters but warm compiles; the best of
---repeats runs is reported, as the 2-core machine is noisy) and so is registration (host-side
+so each timed run on a fresh LLM starts with cold adapters but warm compiles; the counts take
+turns run by run and the best of --repeats runs is reported, as the 2-core machine is noisy) and so is registration (host-side
 packing, reported separately).
 
 Then memory: host bytes for 2,000 rank-8 q/k/v/o adapters (tiny model and, with --smollm2,
@@ -152,12 +152,17 @@ def main(argv=None) -> int:
         print(f"{'alpha':>5} {'adapters':>8} {'used':>5} {'tok/s':>9} {'vs N=1':>7} {'loads':>6} "
               f"{'evict':>6} {'reg s':>6}")
         for alpha in alphas:
-            base = None
             for n in counts:
                 run_one(args, paths, alpha, n)  # warm-up on its own LLM: compiles this config's shapes
-                # Timed on fresh LLMs (cold adapters, warm compiles); best of --repeats.
-                r = max((run_one(args, paths, alpha, n) for _ in range(args.repeats)),
-                        key=lambda x: x["tokens_per_s"])
+            # Timed on fresh LLMs (cold adapters, warm compiles), the counts taking turns round by
+            # round so that the machine's slow spells hit every count alike; best of --repeats.
+            runs = {n: [] for n in counts}
+            for _ in range(args.repeats):
+                for n in counts:
+                    runs[n].append(run_one(args, paths, alpha, n))
+            base = None
+            for n in counts:
+                r = max(runs[n], key=lambda x: x["tokens_per_s"])
                 base = base or r["tokens_per_s"]
                 r["ratio_vs_1"] = r["tokens_per_s"] / base
                 results["throughput"].append(r)

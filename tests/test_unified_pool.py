@@ -137,6 +137,15 @@ class PoolMachine(RuleBasedStateMachine):
                 assert self.store.is_resident(name), "a running request's adapter was evicted"
 
     @invariant()
+    def reclaimable_pages_are_the_unpinned_adapters_pages(self):
+        """The store keeps this total as adapters come and go: recount it from scratch."""
+        unpinned = {n: len(self.store._adapters[n].pages) for n in self.store.names()
+                    if self.store.is_resident(n) and self.store._adapters[n].refcount == 0}
+        assert self.store.reclaimable_pages() == sum(unpinned.values())
+        for name in self.store.names():
+            assert self.store.reclaimable_pages(keep=name) == sum(unpinned.values()) - unpinned.get(name, 0)
+
+    @invariant()
     def resident_adapters_hold_their_rows(self):
         pool = np.asarray(self.device.array)
         for name in self.store.names():

@@ -44,7 +44,10 @@ class AdapterStore:
         self.max_lora_rank, self.dtype, self.modules = max_lora_rank, dtype, modules
         self.tables = table_layout(cfg, max_lora_rank, modules)
         self._adapters: dict[str, StoredAdapter] = {}
-        self._unpinned: OrderedDict[str, None] = OrderedDict()  # resident, refcount 0; LRU first
+        # Resident adapters with refcount 0, LRU first, -> their page count; and the pages' total,
+        # kept as they come and go (admission asks for it every step; 1,000s of adapters).
+        self._unpinned: OrderedDict[str, int] = OrderedDict()
+        self._unpinned_pages = 0
         self.loads = self.evictions = self.bytes_loaded = 0
         self.load_seconds = 0.0
 
@@ -114,7 +117,7 @@ class AdapterStore:
 
     def reclaimable_pages(self, keep: str | None = None) -> int:
         """Pages that evicting every unpinned adapter but `keep` would free."""
-        return sum(len(self._adapters[n].pages) for n in self._unpinned if n != keep)
+        return self._unpinned_pages - self._unpinned.get(keep, 0)
 
     def make_room(self, num_pages: int, keep: str | None = None) -> None:
         """Evict unpinned adapters but `keep` (about to be used), least recently used first, until
@@ -134,7 +137,7 @@ class AdapterStore:
         if stored.pages is None:
             self.make_room(stored.layout.num_pages)
             self._load(name)
-        self._unpinned.pop(name, None)
+        self._leave_eviction_list(name)
         stored.refcount += 1
 
     def release(self, name: str) -> None:
@@ -143,15 +146,25 @@ class AdapterStore:
             raise RuntimeError(f"LoRA {name!r} released more often than acquired")
         stored.refcount -= 1
         if stored.refcount == 0:
-            self._unpinned[name] = None  # most recently used
+            self._join_eviction_list(name)
 
     def prefetch(self, name: str) -> bool:
         """Load into pages that are free anyway (never evicts); True if now resident."""
         stored = self._get(name)
         if stored.pages is None and stored.layout.num_pages <= self.pool.num_free:
             self._load(name)
-            self._unpinned[name] = None
+            self._join_eviction_list(name)
         return stored.pages is not None
+
+    def _join_eviction_list(self, name: str) -> None:
+        """Onto the eviction list, as the most recently used."""
+        pages = len(self._adapters[name].pages)
+        self._unpinned[name] = pages
+        self._unpinned_pages += pages
+
+    def _leave_eviction_list(self, name: str) -> None:
+        """Off the eviction list (if on it)."""
+        self._unpinned_pages -= self._unpinned.pop(name, 0)
 
     def _load(self, name: str) -> None:
         stored = self._adapters[name]
@@ -171,8 +184,8 @@ class AdapterStore:
     def _evict(self, name: str, count: bool = True) -> None:
         stored = self._adapters[name]
         self.pool.free(stored.pages, ADAPTER, name)
+        self._leave_eviction_list(name)
         stored.pages = stored.table = None
-        self._unpinned.pop(name, None)
         self.evictions += count
 
     # ---- for the forward ------------------------------------------------------------------
