@@ -133,9 +133,20 @@ def paged_attention(q, k_new, v_new, pool, layer, meta, scale):
     parts = [_cached(qg[a:b], pool, layer, meta["pages"][a:b], meta["cached_lens"][a:b], trips, meta["block"],
                      scale) for a, b, trips in meta["segments"]]
     carry = tuple(jnp.concatenate(xs) if len(xs) > 1 else xs[0] for xs in zip(*parts))
-    m, l, acc = _fresh(qg, kn, vn, meta["fresh"], carry, scale)
+    _, l, acc = _fresh(qg, kn, vn, meta["fresh"], carry, scale)
     out = acc / l[..., None]
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+def _online_softmax_step(carry, s, v, pv: str):
+    """One block of keys into the running (max, sum, weighted values): s the block's masked scores
+    (keys last), pv the einsum of probabilities x values."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.exp(s - m_new[..., None])
+    corr = jnp.exp(m - m_new)
+    acc = acc * corr[..., None] + jnp.einsum(pv, p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return m_new, l * corr + p.sum(-1), acc
 
 
 def _cached(qg, pool, layer, pages, cached_lens, trips, block: int, scale):
@@ -146,19 +157,12 @@ def _cached(qg, pool, layer, pages, cached_lens, trips, block: int, scale):
     keys_per_block = block * page_size
 
     def step(i, carry):
-        m, l, acc = carry
         blk = lax.dynamic_slice_in_dim(pages, i * block, block, axis=1)              # [R, block]
         k = pool[layer, 0, blk].reshape(rows, keys_per_block, kv_heads, head_dim)
         v = pool[layer, 1, blk].reshape(rows, keys_per_block, kv_heads, head_dim)
         s = jnp.einsum("rkgd,rlkd->rkgl", qg, k, preferred_element_type=jnp.float32) * scale
         visible = (i * keys_per_block + jnp.arange(keys_per_block))[None, :] < cached_lens[:, None]
-        s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.exp(s - m_new[..., None])
-        corr = jnp.exp(m - m_new)
-        acc = acc * corr[..., None] + jnp.einsum("rkgl,rlkd->rkgd", p.astype(v.dtype), v,
-                                                 preferred_element_type=jnp.float32)
-        return m_new, l * corr + p.sum(-1), acc
+        return _online_softmax_step(carry, jnp.where(visible[:, None, None, :], s, -jnp.inf), v, "rkgl,rlkd->rkgd")
 
     init = (jnp.full((rows, kv_heads, group), _NEG, jnp.float32), jnp.zeros((rows, kv_heads, group), jnp.float32),
             jnp.zeros((rows, kv_heads, group, head_dim), jnp.float32))
@@ -181,7 +185,6 @@ def _fresh(qg, kn, vn, fresh, carry, scale):
     diagonal = jnp.eye(size, dtype=bool)
 
     def step(j, carry):
-        m, l, acc = carry
         kblock = blocks - j
         source = jnp.maximum(kblock, 0)
         k, v = kb[source], vb[source]                                                # [B, size, K, D]
@@ -190,13 +193,8 @@ def _fresh(qg, kn, vn, fresh, carry, scale):
                    & (fresh["positions"][source][:, None, :] <= fresh["positions"][:, :, None])
                    & (kblock >= fresh["first_block"])[:, None, None])
         visible |= diagonal & (j == 0)  # every row sees itself: a padding row is never empty
-        s = jnp.where(visible[:, :, None, None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.exp(s - m_new[..., None])
-        corr = jnp.exp(m - m_new)
-        acc = acc * corr[..., None] + jnp.einsum("bqkgu,bukd->bqkgd", p.astype(v.dtype), v,
-                                                 preferred_element_type=jnp.float32)
-        return m_new, l * corr + p.sum(-1), acc
+        return _online_softmax_step(carry, jnp.where(visible[:, :, None, None, :], s, -jnp.inf), v,
+                                    "bqkgu,bukd->bqkgd")
 
     m, l, acc = lax.fori_loop(0, fresh["trips"], step, tuple(blocked(x) for x in carry))
     return tuple(x.reshape(num_blocks * size, *x.shape[2:])[:num_tokens] for x in (m, l, acc))
