@@ -7,12 +7,28 @@ import tempfile
 import time
 
 
+# Engine knobs the CLI exposes, generated from EngineConfig (same names, types and defaults, so
+# they cannot drift from the Python API's); tests/test_cli.py checks them field by field.
+ENGINE_FLAGS = ("dtype", "max_model_len", "max_lora_rank", "max_loras", "seed", "page_size", "max_num_seqs",
+                "max_num_batched_tokens", "pool_bytes", "gpu_memory_utilization", "num_pool_pages", "kernels")
+_FLAG_TYPES = {"int": int, "float": float, "str": str}
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="'smollm2', an HF folder or a .gguf file")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--max-lora-rank", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    import dataclasses
+
+    from jaxserve.config import EngineConfig
+    p.add_argument("--model", default=EngineConfig.model, help="'smollm2', an HF folder or a .gguf file")
+    fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
+    for name in ENGINE_FLAGS:
+        field = fields[name]
+        kind = _FLAG_TYPES[str(field.type).split(" ")[0]]
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=field.default,
+                       help=f"EngineConfig.{name} (default {field.default})")
+
+
+def _engine_kwargs(args) -> dict:
+    return {"model": args.model, **{name: getattr(args, name) for name in ENGINE_FLAGS}}
 
 
 def _sampling(args):
@@ -23,8 +39,7 @@ def _sampling(args):
 
 def cmd_generate(args) -> int:
     from jaxserve import LLM, LoRARequest
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-              max_lora_rank=args.max_lora_rank, seed=args.seed)
+    llm = LLM(**_engine_kwargs(args))
     lora = None
     if args.lora:
         name, _, path = args.lora.partition("=")
@@ -58,9 +73,7 @@ def cmd_demo(args) -> int:
     from jaxserve import LLM, LoRARequest, SamplingParams
     from jaxserve.lora.demo import write_random_adapter
 
-    # A small batch shape set: the demo's four requests need no more, and start-up compiles less.
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
-              max_num_seqs=8, max_num_batched_tokens=64)
+    llm = LLM(**_engine_kwargs(args))
     cfg, runner = llm.model_config, llm.runner
     print(f"loaded {args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size} in {llm.load_time:.1f} s "
@@ -103,7 +116,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text for prompts (arguments or stdin lines)")
@@ -119,6 +132,8 @@ def main(argv=None) -> int:
     gen.set_defaults(func=cmd_generate)
     demo = sub.add_parser("demo", help="SmolLM2 answers a few prompts, two through demo adapters")
     _add_model_args(demo)
+    # A small batch shape set: the demo's four requests need no more, and start-up compiles less.
+    demo.set_defaults(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64)
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser("bench", help=f"run a benchmark: {', '.join(BENCHMARKS)} (args after it pass through)")
@@ -129,8 +144,16 @@ def main(argv=None) -> int:
     fair = sub.add_parser("fairness", help="per-client fairness of schedulers on a workload (simulator or engine)")
     fairness_run.add_arguments(fair)
     fair.set_defaults(func=fairness_run.main)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, as argparse does
+        print(f"jaxserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

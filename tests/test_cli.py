@@ -23,3 +23,36 @@ def test_generate_with_lora_and_chat(capsys):
         [{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_tokens=4),
         LoRARequest("qv", 1, str(adapter)))[0]
     assert f"--- {expected.prompt!r}\n{expected.outputs[0].text}\n" in capsys.readouterr().out
+
+
+def test_engine_flags_are_engine_config_with_its_defaults():
+    """The CLI's engine knobs are EngineConfig's fields: same defaults, so they cannot drift
+    (the demo alone shrinks its batch shapes, on purpose)."""
+    import dataclasses
+
+    from jaxserve.cli import ENGINE_FLAGS, build_parser
+    from jaxserve.config import EngineConfig
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    gen = vars(build_parser().parse_args(["generate", "x"]))
+    assert {name: gen[name] for name in ENGINE_FLAGS} == {name: defaults[name] for name in ENGINE_FLAGS}
+    assert gen["model"] == defaults["model"]
+    demo = vars(build_parser().parse_args(["demo"]))
+    assert {n for n in ENGINE_FLAGS if demo[n] != defaults[n]} == {"max_model_len", "max_num_seqs",
+                                                                     "max_num_batched_tokens"}
+    assert vars(build_parser().parse_args(["generate", "--max-num-seqs", "4", "x"]))["max_num_seqs"] == 4
+
+
+def test_generate_on_a_small_model_needs_no_max_model_len(capsys):
+    """The default max_model_len is the engine's (the model's limit), not a number the tiny
+    model cannot hold."""
+    assert main(["generate", "--model", str(TINY), "--max-tokens", "2", "Hello"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_clear_line_and_exit_2(capsys):
+    for flags, name in ((["--temperature", "-1"], "temperature"), (["--max-num-seqs", "0"], "max_num_seqs"),
+                        (["--model", "/no/such/model"], "/no/such/model")):
+        assert main(["generate", "--model", str(TINY), *flags, "--max-tokens", "2", "Hello"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("jaxserve generate: error: ") and name in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
