@@ -132,6 +132,18 @@ def test_streaming_equals_non_streamed(tiny_llm):
     assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
 
 
+
+def test_seeded_request_ignores_its_neighbours_filters(tiny_llm):
+    """A seeded request's tokens are its own: alone, next to greedy requests, or next to one that
+    uses top-k/top-p (which makes the step sample in the "filtered" mode)."""
+    seeded = ({"prompt_token_ids": [1, 300, 362]}, SamplingParams(temperature=1.0, seed=1234, max_tokens=16,
+                                                                ignore_eos=True))
+    alone = tiny_llm.generate(*seeded)[0].outputs[0].token_ids
+    for neighbour in (SamplingParams(temperature=0, max_tokens=16),
+                      SamplingParams(temperature=0.9, top_k=5, top_p=0.7, seed=7, max_tokens=16)):
+        outputs = tiny_llm.generate([seeded[0], {"prompt_token_ids": [1, 42, 43]}], [seeded[1], neighbour])
+        assert outputs[0].outputs[0].token_ids == alone
+
 def test_streamed_stop_string_never_shows_past_the_stop(tiny_llm):
     engine = tiny_llm.engine
     free = tiny_llm.generate({"prompt_token_ids": [1, 42]}, GREEDY)[0].outputs[0]
