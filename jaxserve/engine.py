@@ -240,14 +240,26 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer; pass {'prompt_token_ids': [...]} prompts")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"prompt {prompt!r:.80} is invalid; allowed: valid Unicode text ({e.reason} at "
+                                 f"index {e.start})") from None
             text, ids = prompt, self.tokenizer.encode(prompt)
+            if not ids:
+                raise ValueError(f"prompt {prompt!r} is invalid; allowed: text of at least one token (this "
+                                 f"tokenizer adds no BOS token to an empty prompt)")
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple, np.ndarray)):
+                raise ValueError(f"prompt_token_ids={ids!r:.80} is invalid; allowed: a non-empty list of token ids")
+            ids = list(ids)
         else:
             raise ValueError(f"prompt {prompt!r:.80} is invalid; allowed: a str or {{'prompt_token_ids': [...]}}")
         vocab = self.model_config.vocab_size
         if not ids or not all(isinstance(t, (int, np.integer)) and 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt_token_ids must be a non-empty list of ids in [0, {vocab}); got {ids[:8]}...")
+            raise ValueError(f"prompt_token_ids={ids[:8]!r}{'...' if len(ids) > 8 else ''} is invalid; allowed: a "
+                             f"non-empty list of ids in [0, {vocab})")
         room = self.max_model_len - len(ids)
         if room < 1:
             raise ValueError(f"prompt has {len(ids)} tokens; allowed: at most max_model_len - 1 = "

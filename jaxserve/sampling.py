@@ -6,6 +6,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_LOGPROBS = 20  # like vLLM's default max_logprobs
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
@@ -38,8 +39,21 @@ class SamplingParams:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)):
+            raise ValueError(f"SamplingParams.stop={self.stop!r} is invalid; allowed: a non-empty string or a list "
+                             f"of them")
         self.stop = list(self.stop)
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(f"SamplingParams.stop_token_ids={self.stop_token_ids!r} is invalid; allowed: a list of "
+                             f"token ids >= 0")
         self.stop_token_ids = list(self.stop_token_ids or [])
+        # numpy scalars (np.float32(0.5), np.int64(3)) are numbers too: keep plain Python ones.
+        for name, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("seed", int),
+                           ("max_tokens", int), ("logprobs", int)):
+            value = getattr(self, name)
+            numpy_kind = np.floating if kind is float else np.integer
+            if isinstance(value, np.generic) and np.issubdtype(value.dtype, numpy_kind):
+                setattr(self, name, kind(value))
         if self.top_k == 0:
             self.top_k = -1
         self._validate()

@@ -93,10 +93,27 @@ def test_eos_stops_unless_ignored(tiny_llm, monkeypatch):
     ({"prompt_token_ids": []}, "non-empty"),
     ({"prompt_token_ids": [1, 384]}, r"\[0, 384\)"),
     ({"prompt_token_ids": list(range(1, 65))}, "max_model_len - 1 = 63"),
+    ({"prompt_token_ids": None}, "prompt_token_ids=None is invalid; allowed: a non-empty list"),
+    ({"prompt_token_ids": "1 2 3"}, "prompt_token_ids='1 2 3' is invalid"),
+    ("abc\ud800", r"allowed: valid Unicode text \(surrogates not allowed at index 3\)"),
 ])
 def test_bad_prompts(tiny_llm, prompt, match):
     with pytest.raises(ValueError, match=match):
         tiny_llm.generate(prompt, GREEDY)
+    assert not tiny_llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("message", [{"role": "user", "content": None}, {"role": None, "content": "hi"},
+                                     {"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+def test_bad_chat_message_names_itself(tiny_llm, message):
+    with pytest.raises(ValueError, match="allowed: 'role' and 'content' strings"):
+        tiny_llm.chat([message], GREEDY)
+
+
+@pytest.mark.parametrize("path", [None, "", 5])
+def test_lora_request_without_a_path_is_refused(path):
+    with pytest.raises(ValueError, match=r"LoRARequest.lora_path=.* is invalid; allowed: the path"):
+        LoRARequest("x", 1, path)
 
 
 def test_prompt_plus_max_tokens_over_model_len(tiny_llm):

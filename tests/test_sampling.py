@@ -103,11 +103,21 @@ def test_sampler_mode_is_the_cheapest_that_serves_every_row():
 @pytest.mark.parametrize("field,value", [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5),
                                          ("top_k", -2), ("max_tokens", 0), ("seed", -1),
                                          ("logprobs", 21), ("stop", [""]), ("stop_token_ids", [-1]),
+                                         ("stop", 5), ("stop_token_ids", 5), ("temperature", "0.5"),
                                          ("n", 2)])
 def test_invalid_sampling_params_name_value_and_range(field, value):
     with pytest.raises(ValueError) as err:
         SamplingParams(**{field: value})
     assert field in str(err.value) and repr(value) in str(err.value) and "allowed" in str(err.value)
+
+
+def test_numpy_numbers_are_numbers():
+    p = SamplingParams(temperature=np.float32(0.5), top_p=np.float64(0.9), top_k=np.int64(3), seed=np.uint32(7),
+                       max_tokens=np.int32(4), logprobs=np.int8(2))
+    assert (p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens, p.logprobs) == (0.5, 0.9, 3, 7, 4, 2)
+    assert all(type(v) in (int, float) for v in (p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens))
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=np.float32(3.0))
 
 
 def test_sampling_params_normalises():

@@ -53,3 +53,10 @@ def test_demo_adapters_in_one_batch(smollm2, tmp_path):
     alone = [smollm2.chat(c, params, l)[0] for c, l in zip(convs, [a, None, b])]
     assert [o.outputs[0].token_ids for o in together] == [o.outputs[0].token_ids for o in alone]
     assert together[0].outputs[0].token_ids != together[2].outputs[0].token_ids
+
+
+def test_empty_text_prompt_is_a_clear_error(smollm2):
+    """SmolLM2's tokenizer adds no BOS: an empty str is no tokens — say so about the prompt."""
+    with pytest.raises(ValueError, match="prompt '' is invalid; allowed: text of at least one token"):
+        smollm2.generate("", SamplingParams(max_tokens=2))
+    assert smollm2.generate("Hi", SamplingParams(temperature=0, max_tokens=2))[0].outputs[0].token_ids
