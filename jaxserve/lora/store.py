@@ -65,8 +65,11 @@ class AdapterStore:
                              f"lora_modules): {', '.join(self.modules)}")
         layout = plan_layout(adapter, self.cfg, self.pool.page_size)
         if layout.num_pages > self.pool.num_pages:
-            raise PoolFull(f"LoRA {request.lora_name!r} needs {layout.num_pages} pages; the whole pool has "
-                           f"{self.pool.num_pages}")
+            # Never fits, whatever is freed: bad input (ValueError, as a request larger than the
+            # pool is), not a PoolFull to wait on.
+            raise ValueError(f"LoRA {request.lora_name!r} needs {layout.num_pages} pages; allowed: at most the "
+                             f"whole pool, {self.pool.num_pages} pages (a larger pool_bytes / num_pool_pages, or "
+                             f"a lower rank)")
         return layout
 
     def register(self, request: LoRARequest, adapter: PeftAdapter) -> None:
