@@ -105,8 +105,11 @@ class ModelRunner:
         self.slot_sampler = np.zeros((max_num_seqs, 6), np.float64)
         self.slot_prompt_len = np.zeros(max_num_seqs, np.int64)
         self.slot_adapter = np.full(max_num_seqs, -1, np.int64)
+        # Adapter name <-> small uid, for slot_adapter. Names of finished sequences linger until
+        # the table holds 2 x max_num_seqs + 1 names; then it is rebuilt from the slots' own.
         self._adapter_uids: dict[str, int] = {}
         self._adapter_names: list[str] = []
+        self._max_adapter_uids = 2 * max_num_seqs + 1
         self._dispatched = 0
         self.device_time = 0.0
         self.num_compiled = 0
@@ -178,9 +181,21 @@ class ModelRunner:
         self.slot_prompt_len[seq.slot] = seq.num_prompt_tokens
         name = seq.lora_name
         if name is not None and name not in self._adapter_uids:
+            if len(self._adapter_names) >= self._max_adapter_uids:
+                self._compact_adapter_uids()
             self._adapter_uids[name] = len(self._adapter_names)
             self._adapter_names.append(name)
         self.slot_adapter[seq.slot] = -1 if name is None else self._adapter_uids[name]
+
+    def _compact_adapter_uids(self) -> None:
+        """Keep only the names some slot holds (at most max_num_seqs), renumbered: the table stays
+        bounded however many adapters are served over time."""
+        kept = np.unique(self.slot_adapter[self.slot_adapter >= 0])
+        renumber = np.full(len(self._adapter_names) + 1, -1, np.int64)  # (-1 reads the last entry: -1)
+        renumber[kept] = np.arange(len(kept))
+        self.slot_adapter = renumber[self.slot_adapter]
+        self._adapter_names = [self._adapter_names[u] for u in kept.tolist()]
+        self._adapter_uids = {name: uid for uid, name in enumerate(self._adapter_names)}
 
     def build_batch(self, decode: list[Sequence], prefill: list[Chunk], block_table: np.ndarray,
                     slot_pages: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:

@@ -276,3 +276,25 @@ def test_store_rejects_duplicates_and_ranks_over_its_limit():
     with pytest.raises(ValueError, match="rank 8; allowed: at most max_lora_rank=4"):
         store.register(LoRARequest("y", 2, "/mem"), synthetic_adapter(8, ["q_proj"], 2))
     assert store.names() == ["x"]
+
+
+def test_many_adapter_names_over_time_keep_the_runner_table_bounded(golden):
+    """60 adapter names (three folders, 20 names each) served in waves through max_num_seqs 3:
+    the runner's name table is rebuilt from the slots' own names when it fills, every request
+    still gets its own adapter's golden tokens, and the table never holds more than
+    2 x max_num_seqs + 1 names."""
+    from jaxserve import LoRARequest
+    llm = LLM(str(TINY), max_model_len=64, max_lora_rank=16, max_num_seqs=3, max_loras=3)
+    folders = ("qv-r4", "all-r8-rslora", "regex-r16-pattern")
+    sizes = []
+    for wave in range(10):
+        names = [(f"{folders[i % 3]}-{wave}-{i}", folders[i % 3]) for i in range(6)]
+        requests = [LoRARequest(name, 100 * wave + i + 1, str(TINY / "adapters" / folder))
+                    for i, (name, folder) in enumerate(names)]
+        prompts = [{"prompt_token_ids": golden["tiny-llama"][folder]["prompts"][i % 4]} for i, (_, folder)
+                   in enumerate(names)]
+        outputs = llm.generate(prompts, GREEDY, requests)
+        for i, ((_, folder), out) in enumerate(zip(names, outputs)):
+            assert out.outputs[0].token_ids == golden["tiny-llama"][folder]["greedy"][i % 4], (wave, i)
+        sizes.append(len(llm.runner._adapter_names))
+    assert max(sizes) <= 2 * 3 + 1 and len(llm.adapters.names()) == 60
