@@ -53,6 +53,10 @@ from jaxserve.tokenizer import Tokenizer
 logger = logging.getLogger("jaxserve")
 CPU_POOL_BYTES_CAP = 1 << 30
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_INF = float("inf")
+# A request whose next-token distribution is not finite cannot go on: finish it, say why.
+NON_FINITE_ERROR = ("the model's logits for this request are not finite (NaN or infinity): the forward "
+                    "overflowed, e.g. through an adapter whose weights are far too large")
 
 
 def enable_compilation_cache() -> None:
@@ -403,6 +407,10 @@ class Engine:
                 seq.pending_row = -1
             if seq.finish_reason is not None:  # aborted, or finished by the step before: surplus
                 continue
+            if not -_INF < logprob < _INF:  # NaN/inf logits (the comparison is False for NaN)
+                seq.finish_reason, seq.error = "error", NON_FINITE_ERROR
+                ended.append(seq)
+                continue
             out = seq.output_token_ids
             if not out:
                 seq.metrics.first_token_time = now
@@ -556,7 +564,7 @@ class Engine:
             seq.sent_tokens += len(tokens)
         completion = CompletionOutput(0, text, list(tokens), seq.cumulative_logprob,
                                       list(logprobs) if logprobs is not None else None,
-                                      seq.finish_reason, seq.stop_reason)
+                                      seq.finish_reason, seq.stop_reason, seq.error)
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], seq.finished,
                              seq.lora_request, seq.metrics)
 

@@ -11,8 +11,9 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[dict[int, float]] | None  # per generated token: token_id -> logprob
-    finish_reason: str | None = None          # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None          # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None      # the stop string or stop token that ended it
+    error: str | None = None                  # why, when finish_reason is "error"
 
     def finished(self) -> bool:
         return self.finish_reason is not None

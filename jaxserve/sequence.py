@@ -32,6 +32,7 @@ class Sequence:
     pending_step: int = 0                      # which dispatch that row belongs to
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    error: str | None = None                   # why, when finish_reason is "error"
     detokenizer: object | None = None          # IncrementalDetokenizer, when there is a tokenizer
     metrics: RequestMetrics = dataclasses.field(default_factory=RequestMetrics)
     # Where the last DELTA output stopped, so the next one carries only what is new.

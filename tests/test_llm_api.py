@@ -192,3 +192,25 @@ def test_removed_adapter_frees_its_pages_without_clobbering_others(golden):
     for name in ADAPTERS[1:]:
         out = llm.generate(prompt, GREEDY, lora_request(name))
         assert out[0].outputs[0].token_ids == golden["tiny-llama"][name]["greedy"][2], name
+
+
+def test_adapter_that_overflows_the_forward_finishes_with_an_error(tiny_llm, tmp_path, golden):
+    """Finite weights x 1e18: the forward overflows to NaN/inf logits. That request finishes
+    with finish_reason "error" and a message (not token 0 forever); its neighbour is untouched
+    and no page stays held."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+    folder = tmp_path / "huge"
+    shutil.copytree(TINY / "adapters" / "qv-r4", folder)
+    weights = folder / "adapter_model.safetensors"
+    save_file({k: v * np.float32(1e18) for k, v in load_file(weights).items()}, weights)
+    entry = golden["tiny-llama"]["qv-r4"]
+    prompts = [{"prompt_token_ids": entry["prompts"][0]}, {"prompt_token_ids": entry["prompts"][1]}]
+    bad, good = tiny_llm.generate(prompts, GREEDY, [LoRARequest("huge", 77, str(folder)), lora_request("qv-r4")])
+    assert bad.finished and bad.outputs[0].finish_reason == "error" and "not finite" in bad.outputs[0].error
+    assert bad.outputs[0].token_ids == []
+    assert good.outputs[0].token_ids == entry["greedy"][1] and good.outputs[0].error is None
+    engine = tiny_llm.engine
+    assert not engine.has_unfinished_requests() and engine.pool.num_used("kv") == 0
+    tiny_llm.remove_lora("huge")

@@ -120,7 +120,10 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
         k = apply_rope(k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim), batch.positions, inv_freq)
         # Stored in the pool's dtype: attend to exactly what later steps will read back.
         k = k.reshape(num_tokens, cfg.kv_size).astype(pool.dtype)
-        v = v.astype(pool.dtype)
+        # A sequence whose forward overflowed (NaN/inf) must not reach the others: attention
+        # weighs masked keys' values by 0, and 0 x NaN is NaN. (Its own logits stay non-finite:
+        # the engine finishes it with an error.) Non-finite keys are masked out as scores.
+        v = jnp.where(jnp.isfinite(v), v, 0).astype(pool.dtype)
         attn = op.paged_attention(q, k, v, pool, index, meta, scale)
         h = h + proj(attn.reshape(num_tokens, cfg.q_size), "o")[0]
         x = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
