@@ -378,7 +378,11 @@ class Engine:
                 self._requests.pop(seq.request_id, None)
             self._aborted = []
             if to_process is not None:
-                outputs += self._process(to_process)
+                try:
+                    outputs += self._process(to_process)
+                except BaseException as exc:
+                    self._fail(to_process.sampling, exc)
+                    raise
             pause = (self._scheduler_pause() if to_process is None and dispatched is None and not self.running
                      and len(self.scheduler) else 0.0)
             device = self.runner.device_time - device_before
@@ -531,6 +535,21 @@ class Engine:
             seq.num_computed_tokens = end
             if new_prefill:
                 charge(seq, new_prefill, 0)
+
+    def _fail(self, seqs: list[Sequence], exc: BaseException) -> None:
+        """Reading a step's tokens raised: those tokens are lost, and the requests waiting for them
+        (counted as computed through them) cannot go on consistently. Each ends with
+        finish_reason "error" and the cause, its pages freed; the next step() reports it, as it
+        does an abort. The engine serves the rest."""
+        now = time.monotonic()
+        for seq in seqs:
+            if self._requests.get(seq.request_id) is not seq or any(s is seq for s in self._aborted):
+                continue  # finished and reported already (or about to be: an abort)
+            if seq.finish_reason is None:  # (else it ended in this step, before the failure)
+                seq.finish_reason = "error"
+                seq.error = f"the engine step computing this request's next token failed: {type(exc).__name__}: {exc}"
+            self._finish(seq, now)
+            self._aborted.append(seq)
 
     def _finish(self, seq: Sequence, now: float) -> None:
         if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):

@@ -270,3 +270,39 @@ def test_generate_ignores_other_requests_in_the_engine(tiny_llm, golden):
 def test_budget_below_max_num_seqs_is_rejected():
     with pytest.raises(ValueError, match="max_num_batched_tokens=8 is invalid; allowed: at least max_num_seqs=128"):
         Engine(model=str(TINY), max_num_batched_tokens=8)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("device lost"), KeyboardInterrupt()])
+@pytest.mark.parametrize("async_overlap", [True, False])
+def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_goes_on(golden, monkeypatch, error,
+                                                                              async_overlap):
+    """Reading a step's tokens raises (an XLA error, Ctrl-C): the step's requests finish with
+    finish_reason "error" and the cause, their pages are freed, the engine serves the rest:
+    requests added afterwards get their golden tokens, and nothing stays unfinished."""
+    engine = Engine(model=str(TINY), max_model_len=64, async_overlap=async_overlap)
+    entry = golden["tiny-llama"]["base"]
+    for i in range(3):
+        engine.add_request(f"r{i}", {"prompt_token_ids": entry["prompts"][i]},
+                           SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    collect, calls = engine.runner.collect, []
+
+    def failing_once(inflight):
+        calls.append(len(calls))
+        if len(calls) == 3:
+            raise error
+        return collect(inflight)
+    monkeypatch.setattr(engine.runner, "collect", failing_once)
+    finished = {}
+    with pytest.raises(type(error)):
+        for _ in range(100):
+            finished.update({o.request_id: o for o in engine.step() if o.finished})
+    engine.add_request("after", {"prompt_token_ids": entry["prompts"][3]},
+                       SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    finished.update(run_to_completion(engine))
+    assert set(finished) == {"r0", "r1", "r2", "after"}
+    for i in range(3):
+        out = finished[f"r{i}"].outputs[0]
+        assert out.finish_reason == "error" and type(error).__name__ in out.error
+        assert out.token_ids == entry["greedy"][i][:len(out.token_ids)]  # what it had was right
+    assert finished["after"].outputs[0].token_ids == entry["greedy"][3]
+    assert engine.pool.num_used(KV) == 0 and not engine.running
