@@ -123,8 +123,12 @@ class Engine:
         self.running: list[Sequence] = []
         self._requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
+        # Outputs a step() caller took but does not own (LLM.generate, stream, the async stepper
+        # each want only their own requests): handed back, the next step() returns them first.
+        self._undelivered: list[RequestOutput] = []
         self._inflight = None  # a dispatched step whose tokens are not processed yet
         self._async_queues: dict[str, asyncio.Queue] = {}  # astream consumers by request id
+        self._async_ids: set[str] = set()  # requests added by astream, until their last output
         self._stepper: asyncio.Task | None = None
         self._seed_rng = np.random.default_rng(config.seed)
         self._order = itertools.count()
@@ -338,7 +342,8 @@ class Engine:
             return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.running or len(self.scheduler) or self._aborted or self._inflight is not None)
+        return bool(self.running or len(self.scheduler) or self._aborted or self._inflight is not None
+                    or self._undelivered)
 
     def waiting_clients(self) -> set[str]:
         """Clients with requests waiting for admission (new or preempted)."""
@@ -373,7 +378,8 @@ class Engine:
                 self._inflight, to_process = dispatched, previous
             else:
                 to_process = dispatched
-            outputs = [self._output(seq) for seq in self._aborted]
+            outputs, self._undelivered = self._undelivered, []
+            outputs += [self._output(seq) for seq in self._aborted]
             for seq in self._aborted:
                 self._requests.pop(seq.request_id, None)
             self._aborted = []
@@ -391,6 +397,12 @@ class Engine:
         if pause:  # outside the lock: add_request / abort from other threads go on meanwhile
             time.sleep(pause)
         return outputs
+
+    def put_back(self, outputs: list[RequestOutput]) -> None:
+        """Outputs of step() that belong to another consumer: the next step() returns them again."""
+        if outputs:
+            with self._lock:
+                self._undelivered.extend(outputs)
 
     def _scheduler_pause(self) -> float:
         """Requests wait but the policy holds them all back (an rpm limit): how long step()
@@ -591,13 +603,16 @@ class Engine:
     def stream(self, request_id: str, prompt, sampling_params: SamplingParams | None = None,
                lora_request: LoRARequest | None = None, client: str | None = None) -> Iterator[RequestOutput]:
         """Add a request and step the engine until it finishes, yielding its DELTA outputs (new
-        text and tokens). Other requests progress meanwhile; their outputs are dropped here."""
+        text and tokens). Other requests progress meanwhile; their outputs are handed back
+        (put_back) for their own consumers."""
         params = dataclasses.replace(sampling_params or SamplingParams(), output_kind="delta")
         self.add_request(request_id, prompt, params, lora_request, client)
         finished = False
         try:
             while not finished:
-                for out in self.step():
+                outputs = self.step()
+                self.put_back([out for out in outputs if out.request_id != str(request_id)])
+                for out in outputs:
                     if out.request_id == str(request_id):
                         finished = out.finished
                         yield out
@@ -614,6 +629,7 @@ class Engine:
         queue: asyncio.Queue = asyncio.Queue()
         self.add_request(request_id, prompt, params, lora_request, client)  # raises on a duplicate id
         self._async_queues[str(request_id)] = queue  # no await in between: no output can be missed
+        self._async_ids.add(str(request_id))
         self._ensure_stepper()
         try:
             while True:
@@ -628,8 +644,11 @@ class Engine:
                 self.abort(request_id)  # the consumer went away early
 
     def _ensure_stepper(self) -> None:
-        if self._stepper is None or self._stepper.done():
-            self._stepper = asyncio.get_running_loop().create_task(self._step_forever())
+        loop = asyncio.get_running_loop()
+        # A stepper of another event loop (stopped or closed with the task pending) never runs
+        # again: this loop gets its own.
+        if self._stepper is None or self._stepper.done() or self._stepper.get_loop() is not loop:
+            self._stepper = loop.create_task(self._step_forever())
 
     async def _step_forever(self) -> None:
         queues = self._async_queues
@@ -640,8 +659,14 @@ class Engine:
                 for q in queues.values():
                     q.put_nowait(err)
                 raise
+            # Outputs of requests no astream ever consumed (LLM.generate or stream in another
+            # thread, add_request) go back to their consumers; an astream whose consumer left
+            # early is aborted and its last output dropped here.
+            self.put_back([out for out in outputs if out.request_id not in self._async_ids])
             for out in outputs:
                 if out.request_id in queues:
                     queues[out.request_id].put_nowait(out)
                     if out.finished:
                         queues.pop(out.request_id, None)
+                if out.finished:
+                    self._async_ids.discard(out.request_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import uuid
 
 from jaxserve.config import EngineConfig
 from jaxserve.engine import Engine
@@ -29,6 +30,7 @@ class LLM:
     def __init__(self, model: str = "smollm2", **kwargs):
         self.engine = Engine(EngineConfig(model=str(model), **kwargs))
         self._ids = itertools.count()
+        self._id_prefix = f"llm-{uuid.uuid4().hex[:12]}-"  # ids no caller of engine.add_request picks
 
     # The engine's parts, for inspection.
     model_config = property(lambda self: self.engine.model_config)
@@ -75,7 +77,8 @@ class LLM:
             p = SamplingParams() if p is None else p
             if isinstance(p, SamplingParams):
                 p = dataclasses.replace(p, output_kind="final_only")
-            seqs.append(engine.make_sequence(f"llm-{next(self._ids)}", prompt, p, lora, adapter_pages=pages))
+            seqs.append(engine.make_sequence(f"{self._id_prefix}{next(self._ids)}", prompt, p, lora,
+                                             adapter_pages=pages))
         engine.commit_loras(new_loras)
         for seq in seqs:
             engine.enqueue(seq)
@@ -83,13 +86,16 @@ class LLM:
         mine = {seq.request_id for seq in seqs}
         try:
             while len(finished) < len(seqs):
-                for out in engine.step():
+                outputs = engine.step()
+                # Others' outputs (generate in another thread, add_request) go back to them.
+                engine.put_back([out for out in outputs if out.request_id not in mine])
+                for out in outputs:
                     if out.finished and out.request_id in mine:
                         finished[out.request_id] = out
         except BaseException:  # leave the engine clean for the next call
             for seq in seqs:
                 engine.abort(seq.request_id)
-            engine.step()
+            engine.put_back([out for out in engine.step() if out.request_id not in mine])
             raise
         return [finished[seq.request_id] for seq in seqs]
 

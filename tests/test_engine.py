@@ -306,3 +306,51 @@ def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_goes_on(go
         assert out.token_ids == entry["greedy"][i][:len(out.token_ids)]  # what it had was right
     assert finished["after"].outputs[0].token_ids == entry["greedy"][3]
     assert engine.pool.num_used(KV) == 0 and not engine.running
+
+
+def test_astream_after_its_first_event_loop_was_closed(tiny_llm):
+    """A stream's event loop closed with the engine's stepper task still pending (a notebook
+    restarting its loop): a later astream on a new loop gets a stepper of its own and finishes."""
+    engine = tiny_llm.engine
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = tiny_llm.generate({"prompt_token_ids": [1, 77]}, params)[0].outputs[0].text
+    first = asyncio.new_event_loop()
+    stream = engine.astream("dead-loop", {"prompt_token_ids": [1, 76]}, params)
+    first.run_until_complete(stream.__anext__())
+    first.close()  # the stepper task is left pending on a closed loop
+    engine.abort("dead-loop")
+
+    async def consume():
+        text = ""
+        async for out in engine.astream("new-loop", {"prompt_token_ids": [1, 77]}, params):
+            text += out.outputs[0].text
+        return text
+    assert asyncio.run(asyncio.wait_for(consume(), timeout=60)) == expected
+
+
+def test_generate_from_several_threads_and_engine_requests_beside_it(tiny_llm, golden):
+    """Four threads call LLM.generate on one LLM at once while a request added through
+    llm.engine runs too: every caller gets exactly its own outputs (golden tokens), and the
+    engine request's output is not swallowed by generate."""
+    import threading
+    entry = golden["tiny-llama"]["base"]
+    engine = tiny_llm.engine
+    engine.add_request("llm-0", {"prompt_token_ids": entry["prompts"][0]}, GREEDY)  # an id generate used to pick
+    results, errors = {}, []
+
+    def call(t):
+        try:
+            results[t] = tiny_llm.generate([{"prompt_token_ids": entry["prompts"][(t + j) % 4]} for j in range(3)],
+                                           GREEDY)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=call, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors and not any(th.is_alive() for th in threads), "a generate call hung or failed"
+    for t in range(4):
+        assert [o.outputs[0].token_ids for o in results[t]] == [entry["greedy"][(t + j) % 4] for j in range(3)]
+    mine = run_to_completion(engine)
+    assert mine["llm-0"].outputs[0].token_ids == entry["greedy"][0]
