@@ -93,9 +93,11 @@ SAMPLER_MODES = ("greedy", "random", "filtered")
 
 def sampler_mode(temperature, top_k, top_p) -> str:
     """The cheapest SAMPLER_MODES entry that serves rows with these (host numpy) parameters."""
-    if not (temperature > 0).any():
+    sampling = temperature > 0
+    if not sampling.any():
         return "greedy"
-    return "filtered" if ((top_k > 0) | (top_p < 1.0)).any() else "random"
+    # A greedy row's top-k/top-p changes nothing: only sampling rows' filters need the sort.
+    return "filtered" if (sampling & ((top_k > 0) | (top_p < 1.0))).any() else "random"
 
 
 @partial(jax.jit, static_argnames=("num_logprobs", "mode"))

@@ -95,7 +95,9 @@ def test_sampler_mode_is_the_cheapest_that_serves_every_row():
     assert sampler_mode(t, np.array([5, -1, -1, -1]), p) == "greedy"  # top-k of a greedy row: nothing to draw
     t[1] = 0.8
     assert sampler_mode(t, k, p) == "random"
-    assert sampler_mode(t, k, np.array([1, 1, 1, 0.9])) == "filtered"
+    assert sampler_mode(t, k, np.array([1, 1, 1, 0.9])) == "random"  # top-p of a greedy row only
+    assert sampler_mode(t, k, np.array([1, 0.9, 1, 1])) == "filtered"
+    assert sampler_mode(t, np.array([-1, 3, -1, -1]), p) == "filtered"
     with pytest.raises(ValueError, match="mode='beam' is invalid; allowed: greedy, random, filtered"):
         sample(np.zeros((1, 4), np.float32), t[:1], k[:1], p[:1], np.zeros((1, 2), np.uint32),
                np.zeros(1, np.int32), mode="beam")
