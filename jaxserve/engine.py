@@ -127,7 +127,9 @@ class Engine:
         # each want only their own requests): handed back, the next step() returns them first.
         self._undelivered: list[RequestOutput] = []
         self._inflight = None  # a dispatched step whose tokens are not processed yet
-        self._async_queues: dict[str, asyncio.Queue] = {}  # astream consumers by request id
+        # astream consumers by request id: each queue with the event loop it belongs to, so a
+        # step run for any loop's stepper reaches it
+        self._async_queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._async_ids: set[str] = set()  # requests added by astream, until their last output
         self._stepper: asyncio.Task | None = None
         self._seed_rng = np.random.default_rng(config.seed)
@@ -357,46 +359,51 @@ class Engine:
         """Schedule and dispatch one batch; process the results of the previous batch (with
         async_overlap, while this one runs on the device) or of this one (without)."""
         with self._lock:
-            start = time.perf_counter()
-            device_before = self.runner.device_time
-            previous, self._inflight = self._inflight, None
-            dispatched = None
-            try:
-                decode = self._decoders()
-                admitted_from = len(self.running)
-                self._admit(len(decode))
-                # A newly admitted one-token prompt (or remainder) decodes right away.
-                decode += [s for s in self.running[admitted_from:] if s.num_tokens - s.num_computed_tokens == 1]
-                prefill = self._prefill_chunks(self.config.max_num_batched_tokens - len(decode))
-                dispatched = (self.runner.dispatch(decode, prefill, self.kv.block_table, self.kv.slot_pages)
-                              if decode or prefill else None)
-            except BaseException:
-                self._inflight = previous  # nothing new is on the device: keep the old step's tokens
-                raise
-            self._account(decode, prefill)
-            if self.config.async_overlap:
-                self._inflight, to_process = dispatched, previous
-            else:
-                to_process = dispatched
-            outputs, self._undelivered = self._undelivered, []
-            outputs += [self._output(seq) for seq in self._aborted]
-            for seq in self._aborted:
-                self._requests.pop(seq.request_id, None)
-            self._aborted = []
-            if to_process is not None:
-                try:
-                    outputs += self._process(to_process)
-                except BaseException as exc:
-                    self._fail(to_process.sampling, exc)
-                    raise
-            pause = (self._scheduler_pause() if to_process is None and dispatched is None and not self.running
-                     and len(self.scheduler) else 0.0)
-            device = self.runner.device_time - device_before
-            self.stats.device_seconds += device
-            self.stats.host_seconds += time.perf_counter() - start - device
+            outputs, pause = self._step_locked()
         if pause:  # outside the lock: add_request / abort from other threads go on meanwhile
             time.sleep(pause)
         return outputs
+
+    def _step_locked(self) -> tuple[list[RequestOutput], float]:
+        """step() under the lock: its outputs, and how long to sleep once the lock is released."""
+        start = time.perf_counter()
+        device_before = self.runner.device_time
+        previous, self._inflight = self._inflight, None
+        dispatched = None
+        try:
+            decode = self._decoders()
+            admitted_from = len(self.running)
+            self._admit(len(decode))
+            # A newly admitted one-token prompt (or remainder) decodes right away.
+            decode += [s for s in self.running[admitted_from:] if s.num_tokens - s.num_computed_tokens == 1]
+            prefill = self._prefill_chunks(self.config.max_num_batched_tokens - len(decode))
+            dispatched = (self.runner.dispatch(decode, prefill, self.kv.block_table, self.kv.slot_pages)
+                          if decode or prefill else None)
+        except BaseException:
+            self._inflight = previous  # nothing new is on the device: keep the old step's tokens
+            raise
+        self._account(decode, prefill)
+        if self.config.async_overlap:
+            self._inflight, to_process = dispatched, previous
+        else:
+            to_process = dispatched
+        outputs, self._undelivered = self._undelivered, []
+        outputs += [self._output(seq) for seq in self._aborted]
+        for seq in self._aborted:
+            self._requests.pop(seq.request_id, None)
+        self._aborted = []
+        if to_process is not None:
+            try:
+                outputs += self._process(to_process)
+            except BaseException as exc:
+                self._fail(to_process.sampling, exc)
+                raise
+        pause = (self._scheduler_pause() if to_process is None and dispatched is None and not self.running
+                 and len(self.scheduler) else 0.0)
+        device = self.runner.device_time - device_before
+        self.stats.device_seconds += device
+        self.stats.host_seconds += time.perf_counter() - start - device
+        return outputs, pause
 
     def put_back(self, outputs: list[RequestOutput]) -> None:
         """Outputs of step() that belong to another consumer: the next step() returns them again."""
@@ -628,7 +635,8 @@ class Engine:
         params = dataclasses.replace(sampling_params or SamplingParams(), output_kind="delta")
         queue: asyncio.Queue = asyncio.Queue()
         self.add_request(request_id, prompt, params, lora_request, client)  # raises on a duplicate id
-        self._async_queues[str(request_id)] = queue  # no await in between: no output can be missed
+        # no await in between: no output can be missed
+        self._async_queues[str(request_id)] = (asyncio.get_running_loop(), queue)
         self._async_ids.add(str(request_id))
         self._ensure_stepper()
         try:
@@ -651,22 +659,42 @@ class Engine:
             self._stepper = loop.create_task(self._step_forever())
 
     async def _step_forever(self) -> None:
-        queues = self._async_queues
-        while queues and self.has_unfinished_requests():
+        while self._async_queues and self.has_unfinished_requests():
+            await asyncio.to_thread(self._step_and_route)
+
+    def _step_and_route(self) -> None:
+        """One step, in a worker thread, its outputs routed from there under the step's lock (so
+        in step order): a step still running when its stepper's loop closes must not lose the
+        outputs of requests streamed on another loop."""
+        with self._lock:
             try:
-                outputs = await asyncio.to_thread(self.step)
+                outputs, pause = self._step_locked()
             except BaseException as err:  # every waiting consumer hears of it
-                for q in queues.values():
-                    q.put_nowait(err)
+                for request_id in list(self._async_queues):
+                    self._deliver(request_id, err)
                 raise
-            # Outputs of requests no astream ever consumed (LLM.generate or stream in another
-            # thread, add_request) go back to their consumers; an astream whose consumer left
-            # early is aborted and its last output dropped here.
-            self.put_back([out for out in outputs if out.request_id not in self._async_ids])
-            for out in outputs:
-                if out.request_id in queues:
-                    queues[out.request_id].put_nowait(out)
-                    if out.finished:
-                        queues.pop(out.request_id, None)
-                if out.finished:
-                    self._async_ids.discard(out.request_id)
+            self._route(outputs)
+        if pause:
+            time.sleep(pause)
+
+    def _route(self, outputs: list[RequestOutput]) -> None:
+        # Outputs of requests no astream ever consumed (LLM.generate or stream in another
+        # thread, add_request) go back to their consumers; an astream whose consumer left
+        # early is aborted and its last output dropped here.
+        self.put_back([out for out in outputs if out.request_id not in self._async_ids])
+        for out in outputs:
+            self._deliver(out.request_id, out)
+            if out.finished:
+                self._async_queues.pop(out.request_id, None)
+                self._async_ids.discard(out.request_id)
+
+    def _deliver(self, request_id: str, item) -> None:
+        consumer = self._async_queues.get(request_id)
+        if consumer is None:
+            return
+        loop, queue = consumer
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # its loop is closed: nobody is left to read it, nor to abort it
+            self._async_queues.pop(request_id, None)
+            self.abort(request_id)

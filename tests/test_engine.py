@@ -1,6 +1,8 @@
 """The continuous-batching engine: batch invariance (alone, mixed, preempted), abort, random
 interleavings, streaming, bounded compilation, metrics."""
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -308,16 +310,48 @@ def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_goes_on(go
     assert engine.pool.num_used(KV) == 0 and not engine.running
 
 
+class ScriptedPool(ThreadPoolExecutor):
+    """A one-thread executor whose job i starts only once wait_for[i] is set and sets
+    then_set[i] when it ends: it puts an event loop's worker-thread steps in a chosen order."""
+
+    def __init__(self, wait_for=None, then_set=None):
+        super().__init__(max_workers=1)
+        self.wait_for, self.then_set, self.submitted = wait_for or {}, then_set or {}, 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        index, self.submitted = self.submitted, self.submitted + 1
+
+        def job():
+            if index in self.wait_for:
+                assert self.wait_for[index].wait(60)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if index in self.then_set:
+                    self.then_set[index].set()
+        return super().submit(job)
+
+
 def test_astream_after_its_first_event_loop_was_closed(tiny_llm):
-    """A stream's event loop closed with the engine's stepper task still pending (a notebook
-    restarting its loop): a later astream on a new loop gets a stepper of its own and finishes."""
+    """A stream's event loop is closed while its stepper's next step waits in a worker thread (a
+    notebook restarting its loop). That orphaned step runs later, after a stream on a new loop
+    has begun, and reads that stream's first token: the token must still reach the new stream."""
     engine = tiny_llm.engine
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     expected = tiny_llm.generate({"prompt_token_ids": [1, 77]}, params)[0].outputs[0].text
+    new_loop_stepped, orphan_stepped = threading.Event(), threading.Event()
+
     first = asyncio.new_event_loop()
+    first_pool = ScriptedPool(wait_for={2: new_loop_stepped}, then_set={2: orphan_stepped})
+    first.set_default_executor(first_pool)
     stream = engine.astream("dead-loop", {"prompt_token_ids": [1, 76]}, params)
-    first.run_until_complete(stream.__anext__())
-    first.close()  # the stepper task is left pending on a closed loop
+
+    async def first_token_then_orphan_a_step():
+        await stream.__anext__()  # with async_overlap its first token takes two steps
+        while first_pool.submitted < 3:  # the stepper has asked for its third
+            await asyncio.sleep(0.01)
+    first.run_until_complete(first_token_then_orphan_a_step())
+    first.close()
     engine.abort("dead-loop")
 
     async def consume():
@@ -325,7 +359,14 @@ def test_astream_after_its_first_event_loop_was_closed(tiny_llm):
         async for out in engine.astream("new-loop", {"prompt_token_ids": [1, 77]}, params):
             text += out.outputs[0].text
         return text
-    assert asyncio.run(asyncio.wait_for(consume(), timeout=60)) == expected
+    second = asyncio.new_event_loop()
+    # The new stepper's first step dispatches the new prompt; the orphan then reads its token.
+    second.set_default_executor(ScriptedPool(wait_for={1: orphan_stepped}, then_set={0: new_loop_stepped}))
+    try:
+        assert second.run_until_complete(asyncio.wait_for(consume(), timeout=60)) == expected
+    finally:
+        second.close()
+    assert orphan_stepped.is_set() and not engine.has_unfinished_requests()
 
 
 def test_generate_from_several_threads_and_engine_requests_beside_it(tiny_llm, golden):
