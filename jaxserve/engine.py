@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.batching import BatchScheduler
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.detokenizer import IncrementalDetokenizer
 from jaxserve.lora.peft import PeftAdapter, load_peft_adapter
@@ -44,7 +45,7 @@ from jaxserve.memory.pool import PagePool, page_bytes
 from jaxserve.model import weights
 from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxserve.pallas.ops import check_backend
-from jaxserve.runner import Chunk, ModelRunner
+from jaxserve.runner import ModelRunner
 from jaxserve.sampling import SamplingParams
 from jaxserve.sched import Scheduler, make_scheduler
 from jaxserve.sequence import Sequence
@@ -114,13 +115,15 @@ class Engine:
         self.adapters = AdapterStore(cfg, self.pool, self.device_pool, config.max_lora_rank, self.dtype,
                                      config.lora_modules)
         self.kv = KVManager(self.pool, self.adapters, watermark_pages=max(1, num_pages // 100),
-                            max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.pool.pages_for(max_model_len))
+                            max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.pool.pages_for(max_model_len), max_loras=config.max_loras)
         self.runner = ModelRunner(cfg, params, self.device_pool, self.adapters, max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=max_model_len, max_loras=config.max_loras, kernels=config.kernels)
         self.scheduler = (config.scheduler if isinstance(config.scheduler, Scheduler)
                           else make_scheduler(config.scheduler, **(config.scheduler_options or {})))
-        self.running: list[Sequence] = []
+        self.batcher = BatchScheduler(self.scheduler, self.kv, max_num_seqs=config.max_num_seqs,
+                                      max_num_batched_tokens=config.max_num_batched_tokens,
+                                      on_admit=self.runner.bind)
         self._requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         # Outputs a step() caller took but does not own (LLM.generate, stream, the async stepper
@@ -135,7 +138,6 @@ class Engine:
         self._seed_rng = np.random.default_rng(config.seed)
         self._order = itertools.count()
         self._lock = threading.RLock()  # step() and add/abort from other threads (async serving)
-        self.num_preemptions = 0
         self.stats = StepStats()
         if config.warmup:
             self.runner.warmup()
@@ -316,12 +318,7 @@ class Engine:
             if seq.request_id in self._requests:
                 raise ValueError(f"request_id {seq.request_id!r} is already in use")
             self._requests[seq.request_id] = seq
-            self.scheduler.add(seq)
-            for rejected in self.scheduler.drain_rejected():  # (rpm with reject=True)
-                rejected.finish_reason = "abort"
-                rejected.stop_reason = f"rejected by the {self.scheduler.name} scheduler"
-                rejected.metrics.finished_time = time.monotonic()
-                self._aborted.append(rejected)
+            self._aborted += self.batcher.add(seq)  # (rpm with reject=True refuses some)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request: its pages are freed now; the next step() reports it finished with
@@ -330,12 +327,7 @@ class Engine:
             seq = self._requests.get(str(request_id))
             if seq is None or seq.finished:
                 return False
-            if seq in self.running:
-                self.running.remove(seq)
-                self.kv.release(seq)
-                self.scheduler.finish(seq)
-            else:
-                self.scheduler.remove(seq)
+            self.batcher.finish(seq)
             seq.finish_reason = "abort"
             if seq.detokenizer is not None:
                 seq.detokenizer.flush(seq.output_token_ids)
@@ -343,8 +335,16 @@ class Engine:
             self._aborted.append(seq)
             return True
 
+    @property
+    def running(self) -> list[Sequence]:
+        return self.batcher.running
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.batcher.num_preemptions
+
     def has_unfinished_requests(self) -> bool:
-        return bool(self.running or len(self.scheduler) or self._aborted or self._inflight is not None
+        return bool(self.batcher.has_unfinished() or self._aborted or self._inflight is not None
                     or self._undelivered)
 
     def waiting_clients(self) -> set[str]:
@@ -352,7 +352,7 @@ class Engine:
         return {s.client for s in self._requests.values() if s.slot < 0 and not s.finished}
 
     def num_unfinished_requests(self) -> int:
-        return len(self.running) + len(self.scheduler)
+        return len(self.running) + self.batcher.num_waiting
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -371,18 +371,13 @@ class Engine:
         previous, self._inflight = self._inflight, None
         dispatched = None
         try:
-            decode = self._decoders()
-            admitted_from = len(self.running)
-            self._admit(len(decode))
-            # A newly admitted one-token prompt (or remainder) decodes right away.
-            decode += [s for s in self.running[admitted_from:] if s.num_tokens - s.num_computed_tokens == 1]
-            prefill = self._prefill_chunks(self.config.max_num_batched_tokens - len(decode))
-            dispatched = (self.runner.dispatch(decode, prefill, self.kv.block_table, self.kv.slot_pages)
-                          if decode or prefill else None)
+            batch = self.batcher.schedule()
+            dispatched = (None if batch.empty else
+                          self.runner.dispatch(batch.decode, batch.prefill, self.kv.block_table, self.kv.slot_pages))
         except BaseException:
             self._inflight = previous  # nothing new is on the device: keep the old step's tokens
             raise
-        self._account(decode, prefill)
+        self.batcher.commit(batch)
         if self.config.async_overlap:
             self._inflight, to_process = dispatched, previous
         else:
@@ -399,7 +394,7 @@ class Engine:
                 self._fail(to_process.sampling, exc)
                 raise
         pause = (self._scheduler_pause() if to_process is None and dispatched is None and not self.running
-                 and len(self.scheduler) else 0.0)
+                 and self.batcher.num_waiting else 0.0)
         device = self.runner.device_time - device_before
         self.stats.device_seconds += device
         self.stats.host_seconds += time.perf_counter() - start - device
@@ -423,7 +418,7 @@ class Engine:
         tokens, logprobs, tops = self.runner.collect(inflight)
         now = time.monotonic()
         step_id = inflight.step_id
-        charge = self.scheduler.charge
+        charge = self.batcher.charge
         ended, report, appended = [], [], 0
         for seq, token, logprob, top in zip(inflight.sampling, tokens, logprobs, tops):
             if seq.pending_step == step_id:  # (a later dispatch may have set a newer pending row)
@@ -470,91 +465,6 @@ class Engine:
                 outputs.append(out)
         return outputs + [self._output(seq) for seq in ended]
 
-    def _decoders(self) -> list[Sequence]:
-        """The running sequences whose next step processes one token (every token but the newest
-        is in the cache), in running order, each with room for that token: one whose last page
-        is full claims a page; when the pool has none, the newest running sequence is preempted.
-        A sequence whose pending token is its last (max_tokens) has nothing to schedule."""
-        decode, short = [], []
-        for seq in self.running:
-            known = seq.num_tokens + (seq.pending_row >= 0)
-            if known - seq.num_computed_tokens == 1:
-                if seq.pending_row >= 0 and len(seq.output_token_ids) + 1 >= seq.max_tokens:
-                    continue
-                decode.append(seq)
-                if known > seq.capacity:  # rare: its last page is full
-                    short.append(seq)
-        for seq in short:
-            while seq.slot >= 0 and not self.kv.grow(seq, seq.num_known_tokens):
-                self._preempt(self.running[-1])
-        if short:
-            decode = [s for s in decode if s.slot >= 0]  # drop the preempted
-        return decode
-
-    def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self.kv.release(seq)
-        seq.num_computed_tokens = 0
-        seq.metrics.num_preemptions += 1
-        self.num_preemptions += 1
-        self.scheduler.requeue(seq)
-
-    def _admit(self, num_decode: int) -> None:
-        budget = self.config.max_num_batched_tokens - num_decode
-        active = self.kv.running_loras
-        max_loras = self.config.max_loras
-
-        def try_admit(seq: Sequence) -> bool:
-            nonlocal budget
-            name = seq.lora_name
-            if budget <= 0 or seq.pending or (name and name not in active and len(active) >= max_loras):
-                return False  # (a preempted request whose last token is still on the device waits a step)
-            if not self.kv.can_admit(seq, len(self.running)):
-                return False
-            self.kv.admit(seq)
-            self.runner.bind(seq)
-            self.running.append(seq)
-            budget -= seq.num_tokens - seq.num_computed_tokens
-            if seq.metrics.first_scheduled_time is None:
-                seq.metrics.first_scheduled_time = time.monotonic()
-            return True
-
-        self.scheduler.schedule(try_admit, self.config.max_num_seqs - len(self.running))
-
-    def _prefill_chunks(self, budget: int) -> list[Chunk]:
-        """Prefill chunks in admission order under the token budget left after decode tokens (a
-        long prompt is split across steps)."""
-        prefill = []
-        for seq in self.running:
-            remaining = seq.num_tokens - seq.num_computed_tokens
-            if remaining > 1 and budget > 0:
-                length = min(remaining, budget)
-                prefill.append(Chunk(seq, seq.num_computed_tokens, length, length == remaining))
-                budget -= length
-        return prefill
-
-    def _account(self, decode: list[Sequence], prefill: list[Chunk]) -> None:
-        """Advance the cache and charge the scheduler for what was processed; a preempted
-        request's recomputed tokens are not charged again (the client did not cause them). A
-        decode token is charged when sampled (in _process), so the last step is not charged twice."""
-        charge = self.scheduler.charge
-        for seq in decode:
-            pos = seq.num_computed_tokens
-            seq.num_computed_tokens = pos + 1
-            if pos < seq.num_prompt_tokens:  # a prompt's last token processed alone
-                new_prefill = pos + 1 - seq.num_charged_prefill
-                if new_prefill > 0:
-                    seq.num_charged_prefill = pos + 1
-                    charge(seq, new_prefill, 0)
-        for chunk in prefill:
-            seq = chunk.seq
-            end = seq.num_computed_tokens + chunk.length
-            new_prefill = max(0, min(end, seq.num_prompt_tokens) - seq.num_charged_prefill)
-            seq.num_charged_prefill += new_prefill
-            seq.num_computed_tokens = end
-            if new_prefill:
-                charge(seq, new_prefill, 0)
-
     def _fail(self, seqs: list[Sequence], exc: BaseException) -> None:
         """Reading a step's tokens raised: those tokens are lost, and the requests waiting for them
         (counted as computed through them) cannot go on consistently. Each ends with
@@ -573,12 +483,7 @@ class Engine:
     def _finish(self, seq: Sequence, now: float) -> None:
         if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
             seq.detokenizer.flush(seq.output_token_ids)  # with final_only and no stop: all of it, once
-        if seq in self.running:
-            self.running.remove(seq)
-            self.kv.release(seq)
-            self.scheduler.finish(seq)
-        else:  # preempted while its last token was in flight: it was waiting again
-            self.scheduler.remove(seq)
+        self.batcher.finish(seq)
         seq.metrics.finished_time = now
         self._requests.pop(seq.request_id, None)
 

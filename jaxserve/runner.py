@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.batching import Chunk
 from jaxserve.config import ModelConfig
 from jaxserve.lora.layout import split_tables
 from jaxserve.lora.store import AdapterStore
@@ -52,15 +53,6 @@ def _step_forward(params, pool, tokens, seqs, prev_tokens, lora_flat, lora_ranks
 # One jitted step for the process: runners of the same model config share compiled variants.
 _jitted_forward = jax.jit(_step_forward, static_argnames=("cfg", "kernels", "lora_layout", "plan", "num_logits"),
                           donate_argnums=(1,))
-
-
-@dataclasses.dataclass
-class Chunk:
-    """Tokens [start, start + length) of seq to process this step; sample after them if wants_token."""
-    seq: Sequence
-    start: int
-    length: int
-    wants_token: bool
 
 
 @dataclasses.dataclass

@@ -55,10 +55,20 @@ class Sequence:
         # (the engine adds the tokenizer's EOS ids).
         self.stop_ids = frozenset(p.stop_token_ids)
 
-    def append_token(self, token: int) -> None:
+    def append_token(self, token: int, logprob: float = 0.0, top: dict | None = None) -> None:
+        """A sampled token (with its logprob, and its top-N logprobs when asked for)."""
         self.output_token_ids.append(token)
         self.num_tokens += 1
         self.last_token = token
+        self.cumulative_logprob += logprob
+        if top is not None:
+            self.output_logprobs.append(top)
+
+    def append_placeholder_tokens(self, count: int) -> None:
+        """The simulator's tokens: only their number matters."""
+        self.output_token_ids.extend([0] * count)
+        self.num_tokens += count
+        self.last_token = 0
 
     @property
     def finished(self) -> bool:

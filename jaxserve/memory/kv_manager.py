@@ -6,7 +6,8 @@ Decoding then grows the page table one page at a time; when the pool cannot supp
 engine preempts. Admission keeps a small watermark of pages free so that the sequences already
 running can grow a while before anyone must be preempted.
 
-Each running sequence also holds a slot: a row of `block_table`, the numpy mirror of every running
+It is the engine's memory model for the BatchScheduler (jaxserve/batching.py): can_admit, admit,
+grow, release. Each running sequence also holds a slot: a row of `block_table`, the numpy mirror of every running
 sequence's page table, so the runner builds a batch's page tables and slot mapping with a few
 vector operations instead of a copy per sequence.
 """
@@ -21,8 +22,8 @@ from jaxserve.sequence import Sequence
 
 class KVManager:
     def __init__(self, pool: PagePool, adapters: AdapterStore, watermark_pages: int, max_num_seqs: int,
-                 max_pages_per_seq: int):
-        self.pool, self.adapters, self.watermark = pool, adapters, watermark_pages
+                 max_pages_per_seq: int, max_loras: int):
+        self.pool, self.adapters, self.watermark, self.max_loras = pool, adapters, watermark_pages, max_loras
         self.block_table = np.zeros((max_num_seqs, max_pages_per_seq), np.int32)
         self.slot_pages = np.zeros(max_num_seqs, np.int32)  # pages in each slot's row
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
@@ -36,6 +37,9 @@ class KVManager:
         return self.pool.pages_for(seq.num_tokens) + (self.adapters.pages_to_load(name) if name else 0)
 
     def can_admit(self, seq: Sequence, running: int) -> bool:
+        name = seq.lora_name
+        if name and name not in self.running_loras and len(self.running_loras) >= self.max_loras:
+            return False  # max_loras adapters already serve running sequences
         reserve = self.watermark if running else 0  # alone, a request may use every page
         return self.admission_pages(seq) + reserve <= self._available(seq.lora_name)
 

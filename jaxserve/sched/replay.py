@@ -53,15 +53,13 @@ def replay(engine, workload: Iterable[Request], *, step_seconds: float | None = 
     if hasattr(engine.scheduler, "clock"):  # (rpm) the policy's clock is the workload's
         engine.scheduler.clock = clock
     step_service: dict[str, list[int]] = {}
-    real_charge = engine.scheduler.charge
 
-    def charge(seq, prefill, decode):
-        real_charge(seq, prefill, decode)
+    def record(seq, prefill, decode):
         got = step_service.setdefault(seq.client, [0, 0])
         got[0] += prefill
         got[1] += decode
 
-    engine.scheduler.charge = charge
+    engine.batcher.add_charge_listener(record)
     records: dict[str, RequestRecord] = {}
     steps: list[StepRecord] = []
     params = {}
@@ -109,10 +107,11 @@ def replay(engine, workload: Iterable[Request], *, step_seconds: float | None = 
                     rec.num_preemptions = o.metrics.num_preemptions
             waiting = frozenset(engine.waiting_clients())
             service = {c: (p, d) for c, (p, d) in step_service.items()}
-            steps.append(StepRecord(start, now - start, 1, sum(p for p, _ in service.values()),
-                                    sum(d for _, d in service.values()), len(engine.running), service, waiting))
+            batch = engine.batcher.last_batch  # (what this step dispatched)
+            steps.append(StepRecord(start, now - start, 1, batch.num_prefill_tokens, len(batch.decode),
+                                    batch.num_running, service, waiting))
     finally:
-        engine.scheduler.charge = real_charge
+        engine.batcher.remove_charge_listener(record)
     # The most KV tokens a running batch can hold (the theorem's M): the pool, or fewer when
     # max_num_seqs full-length sequences take less.
     config = SimConfig(kv_capacity=min(engine.pool.num_pages * engine.pool.page_size,

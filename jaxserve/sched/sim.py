@@ -1,30 +1,24 @@
 """A discrete-event simulator of the engine's continuous batching, for fairness experiments.
 
-It drives the SAME scheduler objects the engine uses (jaxserve.sched) through the same calls —
-add / schedule(try_admit, limit) / charge / requeue / finish — with stand-in requests carrying the
-Sequence fields a scheduler reads, against:
+It drives the engine's own batch former — `jaxserve.batching.BatchScheduler`, with the same
+policy objects (jaxserve.sched) — so decoders' growth and preemption, admission and prefill
+chunking and charging are the engine's, not a copy. What it swaps in:
 
-* a cost model: step time = a + b * prefill_tokens + c * decode_tokens + d * batch_size
-  (`CostModel.fit` fits it to measured (prefill, decode[, batch], seconds) samples);
-* a token-capacity memory model: the KV cache holds `kv_capacity` tokens (10,000 is the paper's
-  A10G setting); a running request holds its input + generated tokens; admission needs room for
-  its tokens + 1; a decoding request grows by one token per step, and when the cache is full the
-  most recently admitted running request is preempted (recompute: its tokens are freed, it goes
-  back to the scheduler and later re-prefills prompt + generated tokens, charged only for prompt
-  tokens never charged before — as the engine does).
+* requests: `Sequence`s made from workload lengths (their tokens are never real);
+* memory: `TokenMemory`, a KV cache of `kv_capacity` tokens (10,000 is the paper's A10G
+  setting): admission takes a request's tokens + 1, decoding grows the claim token by token;
+* the model: a cost model, step time = a + b * prefill_tokens + c * decode_tokens + d * batch_size
+  (`CostModel.fit` fits it to measured (prefill, decode[, batch], seconds) samples); every
+  sampling sequence gets a token each step, and the clock advances by the step time.
 
-Each step mirrors `Engine.step`: every running request with one token to process decodes (after
-claiming its room, preempting the newest when short); the scheduler offers admissions under
-`max_num_seqs` and the token budget left after decode tokens (`max_num_batched_tokens`); prefill
-chunks follow in admission order under that budget (long prompts split across steps); prefill is
-charged when processed, each decoded token when sampled. Requests arrive by their arrival times
-on a virtual clock; with nothing to run the clock jumps to the next arrival (or the scheduler's
-`next_wakeup()`, e.g. RPM's). A scheduler with a `clock` attribute gets the virtual clock.
+Requests arrive by their arrival times on a virtual clock; with nothing to run the clock jumps to
+the next arrival (or the policy's `next_wakeup()`, e.g. RPM's). A policy with a `clock` attribute
+gets the virtual clock.
 
-Speed: consecutive pure-decode steps in which nothing can change the schedule (no arrival, no
-finish, no room for any waiting request) are fused into one record of `steps` identical steps;
-their decode tokens are charged in one call per request. A 10-minute trace of thousands of
-requests simulates in about a second.
+Speed (a simulator-only fast path): consecutive pure-decode steps in which nothing can change the
+schedule (no arrival, no finish, no room for any waiting request) are fused into one record of
+`steps` identical steps; their decode tokens are charged in one call per request. A 10-minute
+trace of thousands of requests simulates in one to two seconds.
 """
 from __future__ import annotations
 
@@ -36,8 +30,12 @@ from typing import Iterable, Sequence as Seq
 
 import numpy as np
 
+from jaxserve.batching import BatchScheduler, ScheduledBatch
+from jaxserve.outputs import RequestMetrics
+from jaxserve.sampling import SamplingParams
 from jaxserve.sched.base import Scheduler
 from jaxserve.sched.workloads import Request
+from jaxserve.sequence import Sequence
 
 
 @dataclasses.dataclass
@@ -78,44 +76,51 @@ class SimConfig:
     until: float | None = None          # stop the clock here (later requests stay unfinished)
 
 
-WAITING, RUNNING, FINISHED, REJECTED, PENDING = range(5)
+class TokenMemory:
+    """The simulator's memory model for the BatchScheduler: the KV cache holds `capacity` tokens;
+    admission takes a request's tokens + 1 (room for its next token); decoding grows its claim
+    token by token."""
+
+    def __init__(self, capacity: int):
+        self.capacity = self.free = capacity
+        self.held: dict[Sequence, int] = {}  # running requests' claims
+
+    @staticmethod
+    def admission_need(seq: Sequence) -> int:
+        return seq.num_tokens + 1
+
+    def can_admit(self, seq: Sequence, num_running: int) -> bool:
+        return seq.num_tokens + 1 <= self.free
+
+    def admit(self, seq: Sequence) -> None:
+        need = seq.num_tokens + 1
+        self.free -= need
+        self.held[seq] = seq.capacity = need
+
+    def grow(self, seq: Sequence, num_tokens: int) -> bool:
+        need = num_tokens - self.held[seq]
+        if need <= 0:
+            return True
+        if need > self.free:
+            return False
+        self.free -= need
+        self.held[seq] = seq.capacity = num_tokens
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        self.free += self.held.pop(seq)
+        seq.capacity = 0
 
 
-class SimSeq:
-    """The Sequence fields a scheduler reads, plus the simulator's own state."""
-    __slots__ = ("request_id", "client", "arrival_time", "order", "prompt_token_ids",
-                 "num_prompt_tokens", "max_tokens", "num_tokens", "output_token_ids",
-                 "num_computed_tokens", "num_charged_prefill", "finish_reason", "lora_name",
-                 "held", "state", "first_token_time", "finish_time", "num_preemptions",
-                 "first_scheduled_time")
+# Simulated requests sample nothing: their lengths come from the workload.
+_SIM_PARAMS = SamplingParams(ignore_eos=True)
 
-    def __init__(self, i: int, r: Request):
-        self.request_id = str(i)
-        self.client = r.client
-        self.arrival_time = float(r.arrival)
-        self.order = i
-        self.prompt_token_ids = range(int(r.input_len))  # only its length is read
-        self.num_prompt_tokens = int(r.input_len)
-        self.max_tokens = int(r.output_len)
-        self.num_tokens = self.num_prompt_tokens
-        self.output_token_ids: list[int] = []
-        self.num_computed_tokens = 0
-        self.num_charged_prefill = 0
-        self.finish_reason = None
-        self.lora_name = r.adapter
-        self.held = 0
-        self.state = PENDING
-        self.first_token_time = None
-        self.finish_time = None
-        self.first_scheduled_time = None
-        self.num_preemptions = 0
 
-    @property
-    def pending(self) -> bool:
-        return False
-
-    def __repr__(self):
-        return f"SimSeq({self.request_id}, {self.client}, in={self.num_prompt_tokens}, out={len(self.output_token_ids)}/{self.max_tokens})"
+def _sequence(i: int, r: Request) -> Sequence:
+    seq = Sequence(str(i), None, range(int(r.input_len)), _SIM_PARAMS, 0, int(r.output_len), client=r.client,
+                   arrival_time=float(r.arrival), order=i)  # (only the prompt's length is read)
+    seq.metrics = RequestMetrics(arrival_time=seq.arrival_time, num_prompt_tokens=seq.num_prompt_tokens)
+    return seq
 
 
 @dataclasses.dataclass
@@ -175,249 +180,162 @@ def simulate(workload: Iterable[Request], scheduler: Scheduler, config: SimConfi
     """Run `workload` through `scheduler` on the simulated server; overrides set SimConfig
     fields (kv_capacity=..., cost=..., until=...)."""
     cfg = dataclasses.replace(config or SimConfig(), **overrides)
-    wall = time.perf_counter()
-    reqs = sorted(workload, key=lambda r: r.arrival)
-    seqs = [SimSeq(i, r) for i, r in enumerate(reqs)]
-    for s in seqs:
-        if s.num_tokens + 1 > cfg.kv_capacity or s.num_prompt_tokens + s.max_tokens > cfg.kv_capacity:
-            raise ValueError(f"request {s.request_id} ({s.num_prompt_tokens}+{s.max_tokens} tokens) "
-                             f"can never fit kv_capacity={cfg.kv_capacity}")
-    clock = [0.0]
-    if hasattr(scheduler, "clock"):
-        scheduler.clock = lambda: clock[0]
-    cost = cfg.cost
-    cap, max_seqs, mbt = cfg.kv_capacity, cfg.max_num_seqs, cfg.max_num_batched_tokens
-    charge = scheduler.charge
+    return _Simulation(workload, scheduler, cfg).run()
 
-    n = len(seqs)
-    i = 0
-    now = 0.0
-    free = cap
-    running: list[SimSeq] = []
-    wcount: dict[str, int] = {}
-    wheap: list = []
-    backlog = frozenset()
-    dirty = False
-    steps: list[StepRecord] = []
-    preemptions = 0
-    idle_with_fit = 0
 
-    def set_waiting(s: SimSeq) -> None:
-        nonlocal dirty
-        s.state = WAITING
-        c = wcount.get(s.client, 0)
-        wcount[s.client] = c + 1
-        if c == 0:
-            dirty = True
-        heapq.heappush(wheap, (s.num_tokens + 1, s.order, s))
+class _Simulation:
+    """One run: the virtual clock, arrivals, the BatchScheduler over TokenMemory, the cost
+    model, and the records."""
 
-    def min_waiting_need() -> int | None:
-        while wheap:
-            need, _, s = wheap[0]
-            if s.state == WAITING and s.num_tokens + 1 == need:
+    def __init__(self, workload: Iterable[Request], policy: Scheduler, cfg: SimConfig):
+        self.cfg, self.policy = cfg, policy
+        self.wall = time.perf_counter()
+        self.seqs = [_sequence(i, r) for i, r in enumerate(sorted(workload, key=lambda r: r.arrival))]
+        for s in self.seqs:
+            if s.num_tokens + 1 > cfg.kv_capacity or s.num_prompt_tokens + s.max_tokens > cfg.kv_capacity:
+                raise ValueError(f"request {s.request_id} ({s.num_prompt_tokens}+{s.max_tokens} tokens) "
+                                 f"can never fit kv_capacity={cfg.kv_capacity}")
+        self.now = 0.0
+        if hasattr(policy, "clock"):
+            policy.clock = self.clock
+        self.memory = TokenMemory(cfg.kv_capacity)
+        self.batcher = BatchScheduler(policy, self.memory, max_num_seqs=cfg.max_num_seqs,
+                                      max_num_batched_tokens=cfg.max_num_batched_tokens, clock=self.clock)
+        self.service: dict[str, tuple[int, int]] = {}  # this step's charges per client
+        self.batcher.add_charge_listener(self._record_charge)
+        self.steps: list[StepRecord] = []
+        self.idle_with_fit = 0
+        # Who is backlogged (requests waiting), kept incrementally: counts per client, and a heap
+        # of waiting requests by admission need (stale entries skipped) for the fusion check.
+        self.waiting_count: dict[str, int] = {}
+        self.backlog: frozenset = frozenset()
+        self.backlog_changed = False
+        self.need_heap: list = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def _record_charge(self, seq: Sequence, prefill: int, decode: int) -> None:
+        p, d = self.service.get(seq.client, (0, 0))
+        self.service[seq.client] = (p + prefill, d + decode)
+
+    def _waiting(self, seq: Sequence, delta: int) -> None:
+        count = self.waiting_count.get(seq.client, 0) + delta
+        self.waiting_count[seq.client] = count
+        if count == (1 if delta > 0 else 0):
+            self.backlog_changed = True
+        if delta > 0:
+            heapq.heappush(self.need_heap, (TokenMemory.admission_need(seq), seq.order, seq))
+
+    def _min_waiting_need(self) -> int | None:
+        heap = self.need_heap
+        while heap:
+            need, _, s = heap[0]
+            if s not in self.memory.held and s.finish_reason is None and TokenMemory.admission_need(s) == need:
                 return need
-            heapq.heappop(wheap)
+            heapq.heappop(heap)
         return None
 
-    def preempt(s: SimSeq) -> None:
-        nonlocal free, preemptions
-        running.remove(s)
-        free += s.held
-        s.held = 0
-        s.num_computed_tokens = 0
-        s.num_preemptions += 1
-        preemptions += 1
-        set_waiting(s)
-        scheduler.requeue(s)
-
-    until = cfg.until
-    while True:
-        if until is not None and now >= until:
-            break
-        clock[0] = now
-        while i < n and seqs[i].arrival_time <= now:
-            s = seqs[i]
-            i += 1
-            set_waiting(s)
-            scheduler.add(s)
-        for s in scheduler.drain_rejected():
-            s.state = REJECTED
-            s.finish_reason = "abort"
-            wcount[s.client] -= 1
-            dirty = True
-        if not running and len(scheduler) == 0:
-            if i >= n:
+    def run(self) -> SimResult:
+        cfg, seqs, policy, batcher = self.cfg, self.seqs, self.policy, self.batcher
+        n, i = len(seqs), 0
+        until = cfg.until
+        while True:
+            if until is not None and self.now >= until:
                 break
-            now = seqs[i].arrival_time
-            continue
+            while i < n and seqs[i].arrival_time <= self.now:
+                self._waiting(seqs[i], +1)
+                for rejected in batcher.add(seqs[i]):
+                    self._waiting(rejected, -1)
+                i += 1
+            if not batcher.has_unfinished():
+                if i >= n:
+                    break
+                self.now = seqs[i].arrival_time
+                continue
+            self.service = {}
+            batch = batcher.schedule()
+            for s in batch.preempted:
+                self._waiting(s, +1)
+            for s in batch.admitted:
+                self._waiting(s, -1)
+            if self.backlog_changed:
+                self.backlog = frozenset(c for c, k in self.waiting_count.items() if k)
+                self.backlog_changed = False
+            if batch.empty:  # nothing to run: idle until something can change
+                self._idle(seqs[i].arrival_time if i < n else None)
+                continue
+            prefill_tokens, num_decode, num_running = batch.num_prefill_tokens, len(batch.decode), batch.num_running
+            dt = cfg.cost.step_time(prefill_tokens, num_decode, num_running)
+            k = self._fusable_steps(batch, dt, seqs[i].arrival_time if i < n else None) if cfg.fuse else 1
+            batcher.commit(batch)
+            start, self.now = self.now, self.now + k * dt
+            self._sample(batch, k, start + dt)
+            self.steps.append(StepRecord(start, self.now - start, k, prefill_tokens, num_decode * k, num_running,
+                                         self.service, self.backlog))
+            assert self.memory.free >= 0, "memory model went negative"
+        return self._result()
 
-        # 1. decoders claim room for their token; the newest running request is preempted when short
-        decode = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
-        before = preemptions
-        for s in decode:
-            if s.state == RUNNING and s.held < s.num_tokens:
-                need = s.num_tokens - s.held
-                while s.state == RUNNING and free < need:
-                    preempt(running[-1])
-                if s.state == RUNNING:
-                    free -= need
-                    s.held = s.num_tokens
-        if preemptions != before:
-            decode = [s for s in decode if s.state == RUNNING]
-        n_dec = len(decode)
+    def _idle(self, next_arrival: float | None) -> None:
+        nxt = next_arrival
+        wakeup = self.policy.next_wakeup()
+        if wakeup is not None and wakeup > self.now:
+            nxt = wakeup if nxt is None else min(nxt, wakeup)
+        if nxt is None:
+            raise RuntimeError(f"simulation stuck at t={self.now:.3f}: {len(self.policy)} waiting, nothing admissible")
+        need = self._min_waiting_need()
+        if need is not None and need <= self.memory.free and not self.batcher.running:
+            self.idle_with_fit += 1
+        self.steps.append(StepRecord(self.now, nxt - self.now, 0, 0, 0, 0, {}, self.backlog))
+        self.now = nxt
 
-        # 2. admissions in the policy's order
-        budget = mbt - n_dec
-        admitted = []
+    def _fusable_steps(self, batch: ScheduledBatch, dt: float, next_arrival: float | None) -> int:
+        """The simulator's fast path: how many identical pure-decode steps can run as one, none of
+        them able to change the schedule (no arrival, wakeup or finish, no room for a waiting
+        request, no preemption)."""
+        decode, running, cfg = batch.decode, self.batcher.running, self.cfg
+        if batch.prefill or batch.admitted or len(decode) != len(running):
+            return 1
+        k = min(s.max_tokens - len(s.output_token_ids) for s in decode)
+        if k > 1:
+            k = min(k, 1 + self.memory.free // len(decode))
+        waiting = len(self.policy)
+        if k > 1 and waiting and len(running) < cfg.max_num_seqs and cfg.max_num_batched_tokens - len(decode) > 0:
+            need = self._min_waiting_need()
+            if need is not None and need <= self.memory.free:
+                return 1
+        for t in (next_arrival, self.policy.next_wakeup() if waiting else None, cfg.until):
+            if k > 1 and t is not None:
+                k = min(k, max(1, math.ceil((t - self.now) / dt - 1e-9)))
+        return k
 
-        def try_admit(s: SimSeq) -> bool:
-            nonlocal budget, free
-            if budget <= 0:
-                return False
-            need = s.num_tokens + 1
-            if need > free:
-                return False
-            free -= need
-            s.held = need
-            s.state = RUNNING
-            if s.first_scheduled_time is None:
-                s.first_scheduled_time = now
-            running.append(s)
-            admitted.append(s)
-            budget -= s.num_tokens - s.num_computed_tokens
-            return True
-
-        if len(scheduler) and len(running) < max_seqs:
-            scheduler.schedule(try_admit, max_seqs - len(running))
-        for s in admitted:
-            c = wcount[s.client] - 1
-            wcount[s.client] = c
-            if c == 0:
-                dirty = True
-            if s.num_tokens - s.num_computed_tokens == 1:
-                decode.append(s)
-        n_dec = len(decode)
-        if dirty:
-            backlog = frozenset(c for c, k in wcount.items() if k)
-            dirty = False
-
-        # 3. prefill chunks in admission order under the budget left after decode tokens
-        chunks = []
-        pb = mbt - n_dec
-        prefill_tokens = 0
-        if pb > 0:
-            for s in running:
-                rem = s.num_tokens - s.num_computed_tokens
-                if rem > 1:
-                    ln = rem if rem < pb else pb
-                    chunks.append((s, ln))
-                    prefill_tokens += ln
-                    pb -= ln
-                    if pb <= 0:
-                        break
-
-        if not decode and not chunks:  # nothing to run: idle until something can change
-            nxt = seqs[i].arrival_time if i < n else None
-            w = scheduler.next_wakeup()
-            if w is not None and w > now:
-                nxt = w if nxt is None else min(nxt, w)
-            if nxt is None:
-                raise RuntimeError(f"simulation stuck at t={now:.3f}: {len(scheduler)} waiting, nothing admissible")
-            need = min_waiting_need()
-            if need is not None and need <= free and not running:
-                idle_with_fit += 1
-            steps.append(StepRecord(now, nxt - now, 0, 0, 0, 0, {}, backlog))
-            now = nxt
-            continue
-
-        batch = len(running)
-        dt = cost.step_time(prefill_tokens, n_dec, batch)
-        k = 1
-        if cfg.fuse and not chunks and not admitted and n_dec == batch:
-            k = min(s.max_tokens - len(s.output_token_ids) for s in decode)
-            if k > 1:
-                k = min(k, 1 + free // n_dec)
-            if k > 1 and len(scheduler) and batch < max_seqs and mbt - n_dec > 0:
-                need = min_waiting_need()
-                if need is not None and need <= free:
-                    k = 1
-            if k > 1 and i < n:
-                k = min(k, max(1, math.ceil((seqs[i].arrival_time - now) / dt - 1e-9)))
-            if k > 1 and len(scheduler):
-                w = scheduler.next_wakeup()
-                if w is not None:
-                    k = min(k, max(1, math.ceil((w - now) / dt - 1e-9)))
-            if k > 1 and until is not None:
-                k = min(k, max(1, math.ceil((until - now) / dt - 1e-9)))
-
-        # 4. account (as Engine._account): advance the cache, charge new prompt tokens
-        service: dict = {}
-        for s in decode:
-            pos = s.num_computed_tokens
-            s.num_computed_tokens = pos + 1
-            if pos < s.num_prompt_tokens:
-                new = pos + 1 - s.num_charged_prefill
-                if new > 0:
-                    s.num_charged_prefill = pos + 1
-                    charge(s, new, 0)
-                    p, d = service.get(s.client, (0, 0))
-                    service[s.client] = (p + new, d)
-        sampled = list(decode)
-        for s, ln in chunks:
-            end = s.num_computed_tokens + ln
-            new = min(end, s.num_prompt_tokens) - s.num_charged_prefill
-            s.num_computed_tokens = end
-            if new > 0:
-                s.num_charged_prefill += new
-                charge(s, new, 0)
-                p, d = service.get(s.client, (0, 0))
-                service[s.client] = (p + new, d)
-            if end == s.num_tokens:
-                sampled.append(s)
-
-        # 5. process (as Engine._process): sample, charge each decoded token, finish
-        start = now
-        now = start + k * dt
-        clock[0] = now
-        ended = False
+    def _sample(self, batch: ScheduledBatch, k: int, first_token_time: float) -> None:
+        """Each sampling sequence gets k tokens (k > 1: fused decode steps), charged when sampled."""
+        sampled = batch.decode + [c.seq for c in batch.prefill if c.wants_token]
         for s in sampled:
             out = s.output_token_ids
             if not out:
-                s.first_token_time = start + dt
-            if k == 1:
-                out.append(0)
-                s.num_tokens += 1
-                charge(s, 0, 1)
-            else:
-                out.extend([0] * k)
-                s.num_tokens += k
+                s.metrics.first_token_time = first_token_time
+            s.append_placeholder_tokens(k)
+            if k > 1:
                 s.num_computed_tokens += k - 1
-                grow = s.num_tokens - 1 - s.held
-                if grow > 0:
-                    free -= grow
-                    s.held += grow
-                charge(s, 0, k)
-            p, d = service.get(s.client, (0, 0))
-            service[s.client] = (p, d + k)
+                if s.num_tokens - 1 > s.capacity:
+                    assert self.memory.grow(s, s.num_tokens - 1)  # (k is bounded by the free memory)
+            self.batcher.charge(s, 0, k)
             if len(out) >= s.max_tokens:
                 s.finish_reason = "length"
-                s.state = FINISHED
-                s.finish_time = now
-                free += s.held
-                s.held = 0
-                ended = True
-                scheduler.finish(s)
-        if ended:
-            running = [s for s in running if s.state == RUNNING]
-        steps.append(StepRecord(start, now - start, k, prefill_tokens, n_dec * k, batch, service, backlog))
-        assert free >= 0, "memory model went negative"
+                s.metrics.finished_time = self.now
+                self.batcher.finish(s)
 
-    records = [RequestRecord(s.request_id, s.client, s.arrival_time, s.first_token_time, s.finish_time,
-                             s.num_prompt_tokens, len(s.output_token_ids), s.num_preemptions,
-                             s.state == REJECTED)
-               for s in seqs]
-    end = max([s.finish_time for s in seqs if s.finish_time is not None] + [0.0])
-    if until is not None and now >= until:
-        end = now  # stopped by the clock: the run lasted until then
-    return SimResult(getattr(scheduler, "name", type(scheduler).__name__), cfg, records, steps, end,
-                     preemptions, time.perf_counter() - wall, idle_with_fit)
+    def _result(self) -> SimResult:
+        seqs = self.seqs
+        records = [RequestRecord(s.request_id, s.client, s.arrival_time, s.metrics.first_token_time,
+                                 s.metrics.finished_time if s.finish_reason == "length" else None,
+                                 s.num_prompt_tokens, len(s.output_token_ids), s.metrics.num_preemptions,
+                                 s.finish_reason == "abort")
+                   for s in seqs]
+        end = max([r.finish for r in records if r.finish is not None] + [0.0])
+        if self.cfg.until is not None and self.now >= self.cfg.until:
+            end = self.now  # stopped by the clock: the run lasted until then
+        return SimResult(getattr(self.policy, "name", type(self.policy).__name__), self.cfg, records, self.steps,
+                         end, self.batcher.num_preemptions, time.perf_counter() - self.wall, self.idle_with_fit)
