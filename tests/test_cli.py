@@ -1,4 +1,7 @@
 """`jaxserve generate` over the Python API."""
+import json
+
+import pytest
 from conftest import TINY
 
 from jaxserve import LLM, SamplingParams
@@ -56,3 +59,42 @@ def test_bad_input_is_one_clear_line_and_exit_2(capsys):
         err = capsys.readouterr().err
         assert err.startswith("jaxserve generate: error: ") and name in err, err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+GOOD_LINE = '{"client": "a", "arrival": 0.5, "input_len": 8, "output_len": 4}'
+
+
+@pytest.mark.parametrize("lines,flags,message", [
+    (['{"client": "a", "arrival": NaN, "input_len": 8, "output_len": 4}'], [], "arrival=nan is invalid"),
+    (['{"client": "a", "arrival": Infinity, "input_len": 8, "output_len": 4}'], [], "arrival=inf is invalid"),
+    (['{"client": "a", "arrival": 1, "input_len": 8.5, "output_len": 4}'], [], "input_len=8.5 is invalid; allowed: an integer >= 1"),
+    (['{"client": null, "arrival": 1, "input_len": 8, "output_len": 4}'], [], "client=None is invalid"),
+    (['{"client": "a", "arrival": 1, "input_len": 8, "output_len": 4, "weight": 0}'], [], "weight=0 is invalid"),
+    (['[1, 2]'], [], "not a JSON object"),
+    ([], [], "the workload has no requests"),
+    ([GOOD_LINE], ["--duration", "0.1"], "no requests in the first 0.1 s"),
+    ([GOOD_LINE], ["--duration", "-1"], "--duration -1.0 is invalid; allowed: a number > 0"),
+    ([GOOD_LINE], ["--rpm", "0", "--scheduler", "rpm"], "--rpm 0 is invalid"),
+    ([GOOD_LINE], ["--scheduler", "vtc,nope"], "--scheduler 'nope' is invalid; allowed: a comma-separated list of fcfs"),
+    ([GOOD_LINE], ["--kv-capacity", "0"], "--kv-capacity 0 is invalid"),
+])
+def test_fairness_bad_input_is_one_clear_line_and_nothing_runs(tmp_path, capsys, lines, flags, message):
+    workload = tmp_path / "w.jsonl"
+    workload.write_text("\n".join(lines))
+    out = tmp_path / "out"
+    assert main(["fairness", "--workload", str(workload), "--simulate", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxserve fairness: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (out / "summary.json").exists()  # (a bad scheduler name is found before the first run)
+
+
+def test_fairness_rpm_limit_is_the_one_given(tmp_path):
+    """--rpm 1 admits one request per client per minute: of 5 requests in 10 s, 1 runs at once."""
+    workload = tmp_path / "w.jsonl"
+    workload.write_text("\n".join(f'{{"client": "a", "arrival": {i}, "input_len": 8, "output_len": 4}}'
+                                  for i in range(5)))
+    assert main(["fairness", "--workload", str(workload), "--simulate", "--scheduler", "rpm", "--rpm", "1",
+                 "--rpm-reject", "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["schedulers"]["rpm"]["rejected"] == 4

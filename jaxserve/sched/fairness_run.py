@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
-from jaxserve.sched import make_scheduler
+from jaxserve.sched import SCHEDULERS, make_scheduler
 from jaxserve.sched import metrics as M
 from jaxserve.sched import workloads
 from jaxserve.sched.sim import CostModel, SimConfig, simulate
@@ -46,20 +47,44 @@ def parse_weights(text: str | None) -> dict[str, float]:
 
 def scheduler_options(name: str, weights: dict, rpm: int | None, rpm_reject: bool = False) -> dict:
     if name == "rpm":
-        return {"rpm": rpm or 20, "reject": rpm_reject}
+        return {"rpm": 20 if rpm is None else rpm, "reject": rpm_reject}
     if name in ("vtc", "vtc-predict", "lcf") and weights:
         return {"weights": weights}
     return {}
+
+
+def scheduler_names(text: str) -> list[str]:
+    """--scheduler a,b,c, every name checked before anything runs."""
+    names = [n.strip() for n in text.split(",")]
+    bad = [n for n in names if n not in SCHEDULERS]
+    if bad:
+        raise ValueError(f"--scheduler {bad[0]!r} is invalid; allowed: a comma-separated list of "
+                         f"{', '.join(SCHEDULERS)}")
+    return names
+
+
+def check_numbers(args) -> None:
+    """The numeric flags' ranges (argparse checks only their types)."""
+    positive = {"--duration": args.duration, "--rpm": args.rpm, "--kv-capacity": args.kv_capacity,
+                "--max-num-seqs": args.max_num_seqs, "--max-num-batched-tokens": args.max_num_batched_tokens,
+                "--max-model-len": args.max_model_len, "--pool-pages": args.pool_pages,
+                "--step-seconds": args.step_seconds, "--speedup": args.speedup, "--length-scale": args.length_scale}
+    for flag, value in positive.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} {value} is invalid; allowed: a number > 0")
 
 
 def load_workload(args) -> list[workloads.Request]:
     if bool(args.suite) == bool(args.workload):
         raise ValueError("give exactly one of --suite NAME or --workload FILE.jsonl")
     if args.suite:
-        return workloads.generate(args.suite, duration=args.duration, seed=args.seed)
-    reqs = workloads.load(args.workload)
-    if args.duration is not None:
-        reqs = [r for r in reqs if r.arrival < args.duration]
+        reqs = workloads.generate(args.suite, duration=args.duration, seed=args.seed)
+    else:
+        reqs = workloads.load(args.workload)
+        if args.duration is not None:
+            reqs = [r for r in reqs if r.arrival < args.duration]
+    if not reqs:
+        raise ValueError(f"the workload has no requests{' in the first ' + str(args.duration) + ' s' if args.duration else ''}")
     return reqs
 
 
@@ -126,6 +151,8 @@ def describe(result, reqs, weights: dict, w_p: float = 1.0, w_q: float = 2.0) ->
 
 
 def run(args) -> dict:
+    check_numbers(args)
+    names = scheduler_names(args.scheduler)
     reqs = load_workload(args)
     weights = parse_weights(args.weights) or workloads.weights_of(reqs)
     out = Path(args.out)
@@ -133,7 +160,7 @@ def run(args) -> dict:
     results, summary = [], {"workload": args.suite or str(args.workload), "requests": len(reqs),
                             "mode": "simulator" if args.simulate else f"engine ({args.model})",
                             "weights": weights, "schedulers": {}}
-    for name in (n.strip() for n in args.scheduler.split(",")):
+    for name in names:
         result = run_one(name, reqs, args, weights)
         results.append(result)
         key, k = name, 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -41,23 +42,49 @@ class Request:
 
 
 def load(path) -> list[Request]:
-    """Read a JSONL workload (blank lines skipped); sorted by arrival."""
+    """Read a JSONL workload (blank lines skipped); sorted by arrival. Every field is checked:
+    a bad line is a ValueError naming the file, the line, the field and what is allowed."""
     out = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             d = json.loads(line)
-            out.append(Request(str(d["client"]), float(d["arrival"]), int(d["input_len"]),
-                               int(d["output_len"]), d.get("adapter"),
-                               None if d.get("weight") is None else float(d["weight"])))
+            if not isinstance(d, dict):
+                raise ValueError("not a JSON object")
+            out.append(request_from_json(d))
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path}:{n}: bad workload line ({e}): {line[:200]}") from None
-        r = out[-1]
-        if r.input_len < 1 or r.output_len < 1 or r.arrival < 0:
-            raise ValueError(f"{path}:{n}: input_len and output_len must be >= 1, arrival >= 0")
+    if not out:
+        raise ValueError(f"{path}: the workload has no requests")
     out.sort(key=lambda r: r.arrival)
     return out
+
+
+def _number(d: dict, field: str, allowed: str, integer: bool = False, low: float = 0.0,
+            low_inclusive: bool = True) -> float:
+    value = d[field]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok:
+        ok = value >= low if low_inclusive else value > low
+    if not ok:
+        raise ValueError(f"{field}={value!r} is invalid; allowed: {allowed}")
+    return int(value) if integer else float(value)
+
+
+def request_from_json(d: dict) -> Request:
+    client = d["client"]
+    if not isinstance(client, str) or not client:
+        raise ValueError(f"client={client!r} is invalid; allowed: a non-empty string")
+    adapter, weight = d.get("adapter"), d.get("weight")
+    if adapter is not None and (not isinstance(adapter, str) or not adapter):
+        raise ValueError(f"adapter={adapter!r} is invalid; allowed: absent, null or a non-empty string")
+    return Request(client, _number(d, "arrival", "a finite number of seconds >= 0"),
+                   _number(d, "input_len", "an integer >= 1", integer=True, low=1),
+                   _number(d, "output_len", "an integer >= 1", integer=True, low=1), adapter,
+                   None if weight is None else _number(d, "weight", "a finite number > 0", low_inclusive=False))
 
 
 def save(requests: Iterable[Request], path) -> None:
