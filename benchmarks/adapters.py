@@ -62,7 +62,7 @@ def run_one(args, paths, alpha: float, n: int) -> dict:
     prompts, which = workload(args.requests, n, alpha, llm.model_config.vocab_size, args.seed)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, [requests[i] for i in which])
+    outputs = llm.generate(prompts, params, [requests[i] for i in which], use_tqdm=False)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     m = llm.pool_metrics()

@@ -63,7 +63,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args(argv)
     import jax
+    from jaxserve import runtime
     from jaxserve.engine import Engine
+
+    runtime.setup_process()
 
     logging.getLogger("jaxserve").setLevel(logging.WARNING)
     print(f"jax {jax.__version__} on {jax.default_backend()}; prompt {args.prompt_len} + output "
@@ -77,6 +80,7 @@ def main(argv=None) -> int:
             engines = {mode: Engine(model=MODELS.get(model, model), max_model_len=args.prompt_len + args.output_len + 16,
                                     max_num_seqs=n, max_num_batched_tokens=max(512, n), seed=0, async_overlap=overlap)
                        for mode, overlap in (("sync", False), ("overlap", True))}
+            runtime.freeze_startup_heap()
             rounds = {mode: [] for mode in engines}
             for mode, engine in engines.items():
                 one_round(engine, n, args.prompt_len, args.output_len, seed=1)  # warm-up round

@@ -61,7 +61,7 @@ def make_prompts(count: int, lo: int, hi: int, vocab: int, seed: int) -> list[li
 
 def timed_generate(llm, prompts, params, loras) -> tuple[float, list[list[int]]]:
     start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, loras)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, loras, use_tqdm=False)
     return time.perf_counter() - start, [list(o.outputs[0].token_ids) for o in outputs]
 
 
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         per_request = [loras[w] for w in which]
         # Untimed: loads the adapters into the pool and touches every code path once.
         llm.generate([{"prompt_token_ids": q} for q in prompts[:8]],
-                     SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), per_request[:8])
+                     SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), per_request[:8], use_tqdm=False)
         modes = {"jaxserve+LoRA": per_request, **({"no-adapter": None} if "no-adapter" in compare else {})}
         runs = {m: [] for m in modes}
         for _ in range(args.repeats):  # modes alternate, so a drift in machine speed hits both

@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from jaxserve import runtime  # (here, not at import: --help stays instant)
+    runtime.setup_process()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, as argparse does

@@ -9,6 +9,8 @@ import dataclasses
 import os
 from typing import Any
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 # LoRA-targetable projections, in the order the model applies them.
@@ -132,3 +134,42 @@ class EngineConfig:
         if unknown or not self.lora_modules:
             raise ValueError(f"lora_modules={self.lora_modules!r} is invalid; allowed: a non-empty subset of "
                              f"{', '.join(LORA_MODULES)}")
+        self._check_model_and_pool()
+        self._check_choices()
+
+    def _check_model_and_pool(self):
+        def bad(name, allowed):
+            raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: {allowed}")
+
+        def whole(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not isinstance(self.model, str) or not self.model:
+            bad("model", '"smollm2", an HF folder (config.json + safetensors) or a .gguf file')
+        if self.dtype not in DTYPES:
+            bad("dtype", ", ".join(DTYPES))
+        if self.max_model_len is not None and not (whole(self.max_model_len) and self.max_model_len >= 2):
+            bad("max_model_len", "None (the model's limit, at most 2048) or an integer >= 2")
+        if self.num_pool_pages is not None and not (whole(self.num_pool_pages) and self.num_pool_pages >= 1):
+            bad("num_pool_pages", "None or an integer >= 1")
+        if self.pool_bytes is not None and not (whole(self.pool_bytes) and self.pool_bytes >= 1):
+            bad("pool_bytes", "None or an integer >= 1 (at least one page is needed)")
+        if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
+            bad("gpu_memory_utilization", "a number in (0, 1]")
+        if not whole(self.seed):
+            bad("seed", "an integer")
+
+    def _check_choices(self):
+        from jaxserve.pallas.ops import available_backends  # (kernels and policies import this module)
+        from jaxserve.sched import SCHEDULERS, Scheduler
+
+        if self.kernels not in available_backends():
+            raise ValueError(f"kernels={self.kernels!r} is invalid; allowed: {', '.join(available_backends())}")
+        if not isinstance(self.scheduler, Scheduler) and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler={self.scheduler!r} is invalid; allowed: {', '.join(SCHEDULERS)} or a "
+                             f"Scheduler object")
+        if self.scheduler_options is not None and not isinstance(self.scheduler_options, dict):
+            raise ValueError(f"scheduler_options={self.scheduler_options!r} is invalid; allowed: None or a dict")
+        for name in ("warmup", "async_overlap"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: True or False")

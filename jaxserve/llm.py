@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 import uuid
+from typing import Callable
 
+from tqdm import tqdm
+
+from jaxserve import runtime
 from jaxserve.config import EngineConfig
 from jaxserve.engine import Engine
 from jaxserve.lora.request import LoRARequest
@@ -28,7 +33,9 @@ class LLM:
     """
 
     def __init__(self, model: str = "smollm2", **kwargs):
+        runtime.setup_process()  # an entry point: the compilation cache, warning filter, compile counter
         self.engine = Engine(EngineConfig(model=str(model), **kwargs))
+        runtime.freeze_startup_heap()
         self._ids = itertools.count()
         self._id_prefix = f"llm-{uuid.uuid4().hex[:12]}-"  # ids no caller of engine.add_request picks
 
@@ -62,44 +69,48 @@ class LLM:
 
     # ---- generation -----------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+                 use_tqdm: bool | Callable = True) -> list[RequestOutput]:
         """Generate for every prompt (a str, a {"prompt_token_ids": [...]} dict, or a list of
         them), all through the engine at once; prompts may use different adapters. Returns the
-        outputs in prompt order. A bad prompt or adapter raises before anything runs."""
+        outputs in prompt order. A bad prompt or adapter raises before anything runs.
+        use_tqdm: a progress bar of finished prompts with the input and output tokens/s so far
+        (as vLLM's); a callable is used in place of tqdm.tqdm."""
         prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
         params = self._per_prompt(sampling_params, len(prompts), "sampling_params") or [None] * len(prompts)
         loras = self._per_prompt(lora_request, len(prompts), "lora_request") or [None] * len(prompts)
         engine = self.engine
-        new_loras = engine.load_new_loras(loras)
-        pages = {name: n for name, (_, _, n) in new_loras.items()}
-        seqs = []
+        requests = []
         for prompt, p, lora in zip(prompts, params, loras):
             p = SamplingParams() if p is None else p
             if isinstance(p, SamplingParams):
                 p = dataclasses.replace(p, output_kind="final_only")
-            seqs.append(engine.make_sequence(f"{self._id_prefix}{next(self._ids)}", prompt, p, lora,
-                                             adapter_pages=pages))
-        engine.commit_loras(new_loras)
-        for seq in seqs:
-            engine.enqueue(seq)
+            requests.append((f"{self._id_prefix}{next(self._ids)}", prompt, p, lora))
+        engine.add_requests(requests)  # all or none
+        ids = [r[0] for r in requests]
         finished: dict[str, RequestOutput] = {}
-        mine = {seq.request_id for seq in seqs}
+        mine = set(ids)
+        progress = _Progress(len(ids), use_tqdm)
         try:
-            while len(finished) < len(seqs):
+            while len(finished) < len(ids):
                 outputs = engine.step()
                 # Others' outputs (generate in another thread, add_request) go back to them.
                 engine.put_back([out for out in outputs if out.request_id not in mine])
                 for out in outputs:
                     if out.finished and out.request_id in mine:
                         finished[out.request_id] = out
+                        progress.update(out)
         except BaseException:  # leave the engine clean for the next call
-            for seq in seqs:
-                engine.abort(seq.request_id)
+            for request_id in ids:
+                engine.abort(request_id)
             engine.put_back([out for out in engine.step() if out.request_id not in mine])
             raise
-        return [finished[seq.request_id] for seq in seqs]
+        finally:
+            progress.close()
+        return [finished[request_id] for request_id in ids]
 
-    def chat(self, messages, sampling_params=None, lora_request=None, add_generation_prompt: bool = True):
+    def chat(self, messages, sampling_params=None, lora_request=None, add_generation_prompt: bool = True,
+             use_tqdm: bool | Callable = True):
         """One conversation (a list of {"role", "content"} dicts) or a list of conversations."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
@@ -109,7 +120,7 @@ class LLM:
         for conv in conversations:
             text = tokenizer.apply_chat_template(conv, add_generation_prompt)
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, lora_request)
+        return self.generate(prompts, sampling_params, lora_request, use_tqdm)
 
     @staticmethod
     def _per_prompt(value, n: int, name: str) -> list | None:
@@ -118,3 +129,29 @@ class LLM:
         if len(value) != n:
             raise ValueError(f"{name} has {len(value)} entries for {n} prompts; allowed: one, or one per prompt")
         return list(value)
+
+
+class _Progress:
+    """generate()'s progress bar: prompts finished, and the input / output tokens per second of
+    the finished ones so far (vLLM's "est. speed")."""
+
+    def __init__(self, total: int, use_tqdm: bool | Callable):
+        self.bar = None
+        if use_tqdm:
+            factory = use_tqdm if callable(use_tqdm) else tqdm
+            self.bar = factory(total=total, desc="Processed prompts", dynamic_ncols=True)
+        self.start, self.input_tokens, self.output_tokens = time.perf_counter(), 0, 0
+
+    def update(self, out: RequestOutput) -> None:
+        if self.bar is None:
+            return
+        self.input_tokens += len(out.prompt_token_ids)
+        self.output_tokens += sum(len(c.token_ids) for c in out.outputs)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"est. speed input: {self.input_tokens / elapsed:.2f} toks/s, "
+                                 f"output: {self.output_tokens / elapsed:.2f} toks/s", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve import runtime
 from jaxserve.batching import Chunk
 from jaxserve.config import ModelConfig
 from jaxserve.lora.layout import split_tables
@@ -144,7 +145,7 @@ class ModelRunner:
         executables land in the persistent compilation cache, so a request's first use of a
         shape only traces and loads it: no request ever waits for an XLA compile."""
         start = time.perf_counter()
-        before = backend_compiles()
+        before = runtime.backend_compiles()
         n = self.max_num_seqs
         for tokens, pages, plan in self.shape_variants():
             tables = self.adapters.stacked_tables([], self.max_loras) if plan.lora_tiles else (None, None)
@@ -160,9 +161,10 @@ class ModelRunner:
                     sample_packed.lower(logits, np.zeros((r, 2), np.float32), np.zeros((r, 4), np.int32),
                                         num_logprobs=num_logprobs, mode=mode, pad_to=n).compile()
         self.device_pool.warmup(self.adapters.max_adapter_pages())
-        self.num_compiled = backend_compiles() - before
+        after = runtime.backend_compiles()
+        self.num_compiled = None if before is None else after - before  # (counted once setup_process ran)
         self.compile_seconds = time.perf_counter() - start
-        logger.info("warm-up: %d batch shapes + %d sampler variants + page writes ready (%d executables "
+        logger.info("warm-up: %d batch shapes + %d sampler variants + page writes ready (%s executables "
                     "built or loaded from the compilation cache) in %.1f s", len(self.shape_variants()),
                     2 * len(SAMPLER_MODES) * len(rows), self.num_compiled, self.compile_seconds)
 
@@ -295,20 +297,3 @@ class ModelRunner:
                     top[tokens[row]] = logprob[row]
                     tops[row] = top
         return tokens, logprob, tops
-
-
-_backend_compiles = 0
-
-
-def _count_backend_compile(event: str, duration: float, **kwargs) -> None:
-    global _backend_compiles
-    if event == "/jax/core/compile/backend_compile_duration":
-        _backend_compiles += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_count_backend_compile)
-
-
-def backend_compiles() -> int:
-    """XLA compilations in this process so far (persistent-cache hits are not compilations)."""
-    return _backend_compiles

@@ -35,6 +35,12 @@ class SamplingParams:
     output_kind: str = "cumulative"
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Normalize (a str stop -> [stop], numpy scalars -> Python numbers, top_k 0 -> -1) and
+        check every field; the engine calls it again at add_request, since a dataclass can be
+        changed after construction."""
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):

@@ -9,6 +9,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # uses a few of ~30 variants. Tests of the warm-up itself ask for warmup=True.
 os.environ.setdefault("JAXSERVE_WARMUP", "0")
 
+from jaxserve import runtime  # noqa: E402  (after the environment above)
+
+runtime.setup_process()  # the suite is an entry point: compilation cache, compile counter
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny-llama"
 ADAPTERS = ("qv-r4", "all-r8-rslora", "regex-r16-pattern")

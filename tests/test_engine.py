@@ -12,7 +12,7 @@ from conftest import ADAPTERS, TINY, lora_request
 from jaxserve import SamplingParams
 from jaxserve.engine import Engine
 from jaxserve.memory.pool import KV
-from jaxserve.runner import backend_compiles
+from jaxserve.runtime import backend_compiles
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 

@@ -1,10 +1,13 @@
 """LLM's vLLM-shaped API on the tiny model: chunked ragged batches, stop conditions, seeded
 sampling across batch compositions, clear errors that leave everything else working."""
+import re
+
 import numpy as np
 import pytest
 
 from conftest import ADAPTERS, TINY, lora_request
 
+from jaxserve.config import EngineConfig
 from jaxserve import LLM, LoRARequest, RequestOutput, SamplingParams
 from jaxserve.lora.peft import AdapterError
 
@@ -173,6 +176,36 @@ def test_bad_llm_arguments(kwargs, match):
         LLM(str(TINY), **kwargs)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    ({"num_pool_pages": 0}, r"num_pool_pages=0 is invalid; allowed: None or an integer >= 1"),
+    ({"pool_bytes": 1.5}, r"pool_bytes=1.5 is invalid"),
+    ({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization=1.5 is invalid; allowed: a number in \(0, 1\]"),
+    ({"max_model_len": 1}, r"max_model_len=1 is invalid; allowed: None .* or an integer >= 2"),
+    ({"dtype": "fp8"}, r"dtype='fp8' is invalid; allowed: auto, float32"),
+    ({"scheduler": "fair"}, r"scheduler='fair' is invalid; allowed: fcfs, vtc"),
+    ({"scheduler_options": [1]}, r"scheduler_options=\[1\] is invalid"),
+    ({"async_overlap": "yes"}, r"async_overlap='yes' is invalid; allowed: True or False"),
+    ({"seed": 1.5}, r"seed=1.5 is invalid; allowed: an integer"),
+])
+def test_engine_config_checks_every_knob_before_loading_anything(kwargs, match):
+    """Every knob is checked where the config is made (no model is read for these)."""
+    with pytest.raises(ValueError, match=match):
+        EngineConfig(model="no-such-model", **kwargs)
+
+
+def test_sampling_params_changed_after_construction_are_checked_again(tiny_llm):
+    params = SamplingParams(max_tokens=4)
+    params.temperature = -0.5
+    with pytest.raises(ValueError, match=r"SamplingParams.temperature=-0.5 is invalid"):
+        tiny_llm.generate({"prompt_token_ids": [1, 2]}, params)
+    params.temperature, params.stop = 0.0, 5
+    with pytest.raises(ValueError, match=r"SamplingParams.stop=5 is invalid"):
+        tiny_llm.engine.add_request("changed", {"prompt_token_ids": [1, 2]}, params)
+    assert not tiny_llm.engine.has_unfinished_requests()
+    params.stop = "x"  # normalized as at construction
+    assert tiny_llm.generate({"prompt_token_ids": [1, 2]}, params)[0].outputs[0].finish_reason in ("length", "stop")
+
+
 def test_unknown_model():
     with pytest.raises(FileNotFoundError, match="not a known alias"):
         LLM("no-such-model")
@@ -214,3 +247,18 @@ def test_adapter_that_overflows_the_forward_finishes_with_an_error(tiny_llm, tmp
     engine = tiny_llm.engine
     assert not engine.has_unfinished_requests() and engine.pool.num_used("kv") == 0
     tiny_llm.remove_lora("huge")
+
+
+def test_generate_shows_progress_with_token_speeds(tiny_llm, capsys):
+    """As vLLM: a progress bar of finished prompts with input/output tokens per second; none
+    with use_tqdm=False."""
+    prompts = [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4, 5]}, {"prompt_token_ids": [6]}]
+    tiny_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    err = capsys.readouterr().err
+    assert "Processed prompts" in err and "3/3" in err
+    speeds = re.findall(r"est\. speed input: ([\d.]+) toks/s, output: ([\d.]+) toks/s", err)
+    assert speeds and float(speeds[-1][0]) > 0 and float(speeds[-1][1]) > 0
+    # 6 prompt tokens and 9 generated ones: the final speeds keep that ratio
+    assert float(speeds[-1][1]) / float(speeds[-1][0]) == pytest.approx(9 / 6, rel=0.02)
+    tiny_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert "Processed prompts" not in capsys.readouterr().err

@@ -1,10 +1,9 @@
 """What every jaxserve Pallas kernel shares about the GPU lowering: the Triton backend chosen
-explicitly, its deprecation warning silenced, and the small shape helpers Triton's power-of-two,
-whole-array-block style needs.
+explicitly, and the small shape helpers Triton's power-of-two, whole-array-block style needs.
 
 jax >= 0.11 warns that the Pallas Triton backend is deprecated, at *lowering* time — which under
-an outer jit happens outside any call of ours — so the filter is installed once, at import, for
-that one message; `quiet()` also covers an eager call after a caller reset the filters.
+an outer jit happens outside any call of ours — so the entry points silence that one message
+process-wide (`runtime.setup_process`); `quiet()` covers an eager call without it.
 """
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ try:  # the Triton backend's public module; present in jax 0.10 - 0.12
 except ImportError:  # pragma: no cover - a jax without it: interpret mode still works
     pltriton = None
 
-TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
-warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+from jaxserve.runtime import TRITON_DEPRECATION
 
 
 @contextlib.contextmanager

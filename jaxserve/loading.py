@@ -1,0 +1,82 @@
+"""What an Engine loads at start-up from its EngineConfig: the model (config, params on the
+device in the serving dtype, tokenizer, usable context length) and the unified pool's size."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.memory.pool import page_bytes
+from jaxserve.model import weights
+from jaxserve.tokenizer import Tokenizer
+
+CPU_POOL_BYTES_CAP = 1 << 30
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    params: dict                  # on the device, in the serving dtype
+    tokenizer: Tokenizer | None
+    max_model_len: int
+    dtype: object
+
+
+def resolve_dtype(dtype: str):
+    if dtype == "auto":  # float32 where there is no accelerator, bfloat16 where there is
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid; allowed: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    dtype = resolve_dtype(config.dtype)
+    path = weights.resolve_model(config.model)
+    max_model_len = config.max_model_len
+    if path.suffix == ".gguf":
+        hf_config, params, gguf = weights.load_gguf_params(path)
+        cfg = ModelConfig.from_hf(hf_config)
+        tokenizer = Tokenizer(gguf.tokenizer, gguf.chat_template, gguf.bos_token, gguf.eos_token,
+                              cfg.eos_token_ids)
+    else:
+        hf_config, tensors = weights.read_hf_folder(path)
+        cfg = ModelConfig.from_hf(hf_config)
+        params = weights.hf_to_params(cfg, tensors)
+        tokenizer = (Tokenizer.from_hf_folder(path, cfg.eos_token_ids)
+                     if (path / "tokenizer.json").exists() else None)
+        window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
+        if window and (max_model_len is None or max_model_len > window):
+            max_model_len = window  # full attention equals sliding-window attention up to the window
+    limit = cfg.max_position_embeddings
+    if max_model_len is None:
+        max_model_len = min(limit, 2048)
+    if max_model_len > limit:
+        raise ValueError(f"max_model_len={max_model_len!r} is invalid for this model; allowed: 1..{limit}")
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)  # on device before sizing the pool
+    return LoadedModel(cfg, params, tokenizer, max_model_len, dtype)
+
+
+def pool_pages(config: EngineConfig, model: LoadedModel) -> int:
+    """The unified pool's pages: num_pool_pages if given, else pool_bytes, else
+    gpu_memory_utilization of an accelerator's free memory, else (CPU) room for 2 x max_num_seqs
+    sequences of max_model_len tokens, capped at 1 GiB."""
+    cfg = model.config
+    per_page = page_bytes(cfg.num_layers, config.page_size, cfg.kv_size, model.dtype)
+    if config.num_pool_pages is not None:
+        return config.num_pool_pages
+    pool_bytes = config.pool_bytes
+    if pool_bytes is None:
+        stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+        if stats and "bytes_limit" in stats:
+            pool_bytes = int(stats["bytes_limit"] * config.gpu_memory_utilization) - stats.get("bytes_in_use", 0)
+        else:
+            pages_per_seq = -(-model.max_model_len // config.page_size)
+            pool_bytes = min(CPU_POOL_BYTES_CAP, 2 * config.max_num_seqs * pages_per_seq * per_page)
+    if pool_bytes < per_page:
+        raise ValueError(f"pool_bytes={pool_bytes!r} is invalid; allowed: at least one page ({per_page} bytes "
+                         f"for this model and page_size)")
+    return pool_bytes // per_page
