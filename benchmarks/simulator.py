@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from jaxserve.sched import make_scheduler
-from jaxserve.sched import metrics as M
-from jaxserve.sched import workloads
-from jaxserve.sched.sim import simulate
+from jaxserve.fairness import metrics as M
+from jaxserve.fairness import workloads
+from jaxserve.fairness.sim import simulate
 
 REAL_TRACE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "vtc_real_trace.jsonl"
 SCHEDULERS = ("vtc", "vtc-predict", "lcf", "fcfs", "rpm")

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
-    from jaxserve.sched import fairness_run
+    from jaxserve.fairness import run as fairness_run
     fair = sub.add_parser("fairness", help="per-client fairness of schedulers on a workload (simulator or engine)")
     fairness_run.add_arguments(fair)
     fair.set_defaults(func=fairness_run.main)

@@ -9,9 +9,9 @@ from conftest import TINY
 from jaxserve.batching import BatchScheduler, Chunk
 from jaxserve.engine import Engine
 from jaxserve.sched import make_scheduler
-from jaxserve.sched.replay import replay
-from jaxserve.sched.sim import CostModel, TokenMemory, _sequence, simulate
-from jaxserve.sched.workloads import Request
+from jaxserve.fairness.replay import replay
+from jaxserve.fairness.sim import CostModel, TokenMemory, _sequence, simulate
+from jaxserve.fairness.workloads import Request
 
 STEP = 0.05
 

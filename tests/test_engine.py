@@ -1,6 +1,7 @@
 """The continuous-batching engine: batch invariance (alone, mixed, preempted), abort, random
 interleavings, streaming, bounded compilation, metrics."""
 import asyncio
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -395,3 +396,25 @@ def test_generate_from_several_threads_and_engine_requests_beside_it(tiny_llm, g
         assert [o.outputs[0].token_ids for o in results[t]] == [entry["greedy"][(t + j) % 4] for j in range(3)]
     mine = run_to_completion(engine)
     assert mine["llm-0"].outputs[0].token_ids == entry["greedy"][0]
+
+
+def test_importing_jaxserve_or_making_an_engine_changes_no_process_state():
+    """Warning filters, jax.config, compile listeners and gc.freeze are the entry points' to set
+    (runtime.setup_process): a library user's process is left as it was."""
+    import subprocess
+    import sys
+    script = f"""
+import gc, warnings, jax
+before = (list(warnings.filters), jax.config.jax_compilation_cache_dir, gc.get_freeze_count())
+import jaxserve, jaxserve.engine, jaxserve.llm, jaxserve.pallas.ops, jaxserve.fairness.sim
+from jaxserve.engine import Engine
+from jaxserve.runtime import backend_compiles
+engine = Engine(model={str(TINY)!r}, max_model_len=32, max_num_seqs=2, max_num_batched_tokens=16, warmup=False)
+after = (list(warnings.filters), jax.config.jax_compilation_cache_dir, gc.get_freeze_count())
+assert before == after, (before, after)
+assert backend_compiles() is None
+print("unchanged")
+"""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "unchanged" in done.stdout, done.stderr[-2000:]

@@ -11,9 +11,10 @@ from conftest import TINY
 from jaxserve.cli import main
 from jaxserve.engine import Engine
 from jaxserve.memory.pool import KV
-from jaxserve.sched import make_scheduler, metrics
-from jaxserve.sched.replay import replay
-from jaxserve.sched.workloads import Request
+from jaxserve.fairness import metrics
+from jaxserve.sched import make_scheduler
+from jaxserve.fairness.replay import replay
+from jaxserve.fairness.workloads import Request
 
 
 def overload(duration=8.0, rates=(4.0, 8.0), input_len=12, output_len=10):
@@ -90,7 +91,7 @@ def test_cost_model_fitted_from_the_engine_drives_the_simulator(tmp_path):
               "--max-num-seqs", "4"]
     assert main(common + ["--model", "tiny", "--speedup", "4", "--fit-cost-model", str(cost),
                           "--out", str(tmp_path / "engine")]) == 0
-    from jaxserve.sched.sim import CostModel
+    from jaxserve.fairness.sim import CostModel
     fitted = CostModel(**json.loads(cost.read_text()))
     summary = json.loads((tmp_path / "engine" / "summary.json").read_text())
     assert summary["fitted_cost_model"] == json.loads(cost.read_text())
@@ -101,7 +102,7 @@ def test_cost_model_fitted_from_the_engine_drives_the_simulator(tmp_path):
 
 
 def test_fitted_cost_model_reproduces_the_measured_time():
-    from jaxserve.sched.fairness_run import fit_cost_model
+    from jaxserve.fairness.run import fit_cost_model
     engine = Engine(model=str(TINY), max_model_len=32, max_num_seqs=4, max_num_batched_tokens=32,
                     scheduler=make_scheduler("vtc"), seed=0)
     result = replay(engine, overload(duration=1.0, rates=(6.0, 12.0)), speedup=4.0)
@@ -143,7 +144,7 @@ def test_rpm_in_the_engine_delays_or_rejects_over_the_limit():
 def test_replay_serves_each_clients_adapter(tmp_path):
     """Workload requests name adapters: --demo-adapters serves each client through its own PEFT
     adapter, loaded into the unified pool on demand."""
-    from jaxserve.sched.fairness_run import demo_adapters
+    from jaxserve.fairness.run import demo_adapters
     workload = [Request(r.client, r.arrival, r.input_len, r.output_len, adapter=f"lora-{r.client}")
                 for r in overload(duration=1.0)]
     engine = Engine(model=str(TINY), max_model_len=32, max_num_seqs=4, max_num_batched_tokens=32,

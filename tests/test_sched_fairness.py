@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from jaxserve.sched import make_scheduler
-from jaxserve.sched import metrics as M
-from jaxserve.sched import workloads as W
-from jaxserve.sched.sim import SimConfig, simulate
-from jaxserve.sched.workloads import Request
+from jaxserve.fairness import metrics as M
+from jaxserve.fairness import workloads as W
+from jaxserve.fairness.sim import SimConfig, simulate
+from jaxserve.fairness.workloads import Request
 
 CFG = SimConfig()
 REAL = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "vtc_real_trace.jsonl")

@@ -6,10 +6,10 @@ from collections import defaultdict
 import pytest
 
 from jaxserve.sched import make_scheduler
-from jaxserve.sched import metrics as M
-from jaxserve.sched import workloads as W
-from jaxserve.sched.sim import CostModel, simulate
-from jaxserve.sched.workloads import Request
+from jaxserve.fairness import metrics as M
+from jaxserve.fairness import workloads as W
+from jaxserve.fairness.sim import CostModel, simulate
+from jaxserve.fairness.workloads import Request
 
 REAL = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "vtc_real_trace.jsonl")
 
@@ -146,7 +146,7 @@ def test_rpm_in_simulator_respects_limit():
 
 def test_plots(tmp_path):
     pytest.importorskip("matplotlib")
-    from jaxserve.sched.plots import plot_compare, plot_run
+    from jaxserve.fairness.plots import plot_compare, plot_run
     wl = W.on_off_less(duration=120)
     rs = [simulate(wl, make_scheduler(n)) for n in ("vtc", "fcfs")]
     p = plot_run(rs[0], tmp_path / "run.png")

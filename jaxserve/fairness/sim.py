@@ -34,7 +34,7 @@ from jaxserve.batching import BatchScheduler, ScheduledBatch
 from jaxserve.outputs import RequestMetrics
 from jaxserve.sampling import SamplingParams
 from jaxserve.sched.base import Scheduler
-from jaxserve.sched.workloads import Request
+from jaxserve.fairness.workloads import Request
 from jaxserve.sequence import Sequence
 
 

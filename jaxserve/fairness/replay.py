@@ -22,8 +22,8 @@ from typing import Iterable
 import numpy as np
 
 from jaxserve.sampling import SamplingParams
-from jaxserve.sched.sim import RequestRecord, SimConfig, SimResult, StepRecord
-from jaxserve.sched.workloads import Request
+from jaxserve.fairness.sim import RequestRecord, SimConfig, SimResult, StepRecord
+from jaxserve.fairness.workloads import Request
 
 
 def scaled_lengths(r: Request, length_scale: float) -> tuple[int, int]:

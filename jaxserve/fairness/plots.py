@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxserve.sched import metrics as M
-from jaxserve.sched.sim import SimResult
+from jaxserve.fairness import metrics as M
+from jaxserve.fairness.sim import SimResult
 
 
 def _plt():

@@ -29,7 +29,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from jaxserve.sched.sim import SimResult
+from jaxserve.fairness.sim import SimResult
 
 
 def _w(weights, c):

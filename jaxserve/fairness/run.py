@@ -22,9 +22,9 @@ import math
 from pathlib import Path
 
 from jaxserve.sched import SCHEDULERS, make_scheduler
-from jaxserve.sched import metrics as M
-from jaxserve.sched import workloads
-from jaxserve.sched.sim import CostModel, SimConfig, simulate
+from jaxserve.fairness import metrics as M
+from jaxserve.fairness import workloads
+from jaxserve.fairness.sim import CostModel, SimConfig, simulate
 
 TINY_MODEL = Path(__file__).resolve().parent.parent.parent / "tests" / "fixtures" / "tiny-llama"
 
@@ -96,7 +96,7 @@ def run_one(name: str, reqs, args, weights: dict):
                            max_num_batched_tokens=args.max_num_batched_tokens, cost=cost)
         return simulate(reqs, sched, config)
     from jaxserve.engine import Engine
-    from jaxserve.sched.replay import replay
+    from jaxserve.fairness.replay import replay
     model = str(TINY_MODEL) if args.model == "tiny" else args.model
     engine = Engine(model=model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens, scheduler=sched,
@@ -177,7 +177,7 @@ def run(args) -> dict:
         summary["fitted_cost_model"] = dataclasses.asdict(cost)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     try:
-        from jaxserve.sched.plots import plot_compare, plot_run
+        from jaxserve.fairness.plots import plot_compare, plot_run
         for name, result in zip(summary["schedulers"], results):
             plot_run(result, out / f"{name.replace('#', '-')}.png", weights=weights)
         if len(results) > 1:
