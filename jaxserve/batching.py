@@ -68,12 +68,10 @@ class Memory(Protocol):
 
 class BatchScheduler:
     def __init__(self, policy: Scheduler, memory: Memory, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_admit: Callable[[Sequence], None] | None = None):
+                 clock: Callable[[], float] = time.monotonic):
         self.policy, self.memory = policy, memory
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.clock = clock
-        self.on_admit = on_admit  # (the engine's runner fills the admitted sequence's slot)
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self.num_preemptions = 0
         self.last_batch: ScheduledBatch | None = None  # the latest schedule() (records, replay)
@@ -159,7 +157,7 @@ class BatchScheduler:
         if limit <= 0 or not len(self.policy):
             return []
         budget = self.max_num_batched_tokens - num_decode
-        memory, running, on_admit = self.memory, self.running, self.on_admit
+        memory, running = self.memory, self.running
 
         def try_admit(seq: Sequence) -> bool:
             nonlocal budget
@@ -167,8 +165,6 @@ class BatchScheduler:
             if budget <= 0 or seq.pending_row >= 0 or not memory.can_admit(seq, len(running)):
                 return False
             memory.admit(seq)
-            if on_admit is not None:
-                on_admit(seq)
             running.append(seq)
             budget -= seq.num_tokens - seq.num_computed_tokens
             if seq.metrics.first_scheduled_time is None:

@@ -75,13 +75,13 @@ class Engine:
         self.kv = KVManager(self.pool, self.adapters, watermark_pages=max(1, num_pages // 100),
                             max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.pool.pages_for(self.max_model_len),
                             max_loras=config.max_loras)
-        self.runner = ModelRunner(cfg, model.params, self.device_pool, self.adapters,
+        self.runner = ModelRunner(cfg, model.params, self.device_pool, self.adapters, self.kv.slots,
                                   max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, max_loras=config.max_loras, kernels=config.kernels)
         self.scheduler = (config.scheduler if isinstance(config.scheduler, Scheduler)
                           else make_scheduler(config.scheduler, **(config.scheduler_options or {})))
         self.batcher = BatchScheduler(self.scheduler, self.kv, max_num_seqs=config.max_num_seqs,
-                                      max_num_batched_tokens=config.max_num_batched_tokens, on_admit=self.runner.bind)
+                                      max_num_batched_tokens=config.max_num_batched_tokens)
         self.intake = RequestIntake(cfg, self.tokenizer, self.max_model_len, self.pool, self.adapters,
                                     config.max_lora_rank, config.seed)
         self._streams = AsyncStreams(self)
@@ -197,7 +197,7 @@ class Engine:
         try:
             batch = self.batcher.schedule()
             dispatched = (None if batch.empty else
-                          self.runner.dispatch(batch.decode, batch.prefill, self.kv.block_table, self.kv.slot_pages))
+                          self.runner.dispatch(batch.decode, batch.prefill))
         except BaseException:
             self._inflight = previous  # nothing new is on the device: keep the old step's tokens
             raise

@@ -29,6 +29,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.lora.layout import split_tables
 from jaxserve.lora.store import AdapterStore
 from jaxserve.memory.device_pool import DevicePool
+from jaxserve.memory.slots import SlotTable
 from jaxserve.model import llama
 from jaxserve.pallas import ops
 from jaxserve.pallas.plan import StepPlan
@@ -79,10 +80,11 @@ def _pick(buckets: list[int], n: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, params, device_pool: DevicePool, adapters: AdapterStore, *,
-                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, max_loras: int,
+    def __init__(self, cfg: ModelConfig, params, device_pool: DevicePool, adapters: AdapterStore, slots: SlotTable,
+                 *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, max_loras: int,
                  kernels: str = ops.DEFAULT):
         self.cfg, self.adapters, self.device_pool = cfg, adapters, device_pool
+        self.slots = slots  # the running sequences' persistent rows (read only: KVManager writes them)
         self.page_size = device_pool.array.shape[3]
         self.params = params
         self.max_num_seqs, self.max_loras = max_num_seqs, max_loras
@@ -93,16 +95,6 @@ class ModelRunner:
         self.kernels = kernels
         self._forward = partial(_jitted_forward, cfg=cfg, kernels=kernels, lora_layout=adapters.tables)
         self._last_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the latest dispatched step's samples
-        # What a running sequence's slot keeps for its whole stay, so decode batches gather it by
-        # slot with vector operations: sampler inputs (sampling_row), prompt length, adapter uid.
-        self.slot_sampler = np.zeros((max_num_seqs, 6), np.float64)
-        self.slot_prompt_len = np.zeros(max_num_seqs, np.int64)
-        self.slot_adapter = np.full(max_num_seqs, -1, np.int64)
-        # Adapter name <-> small uid, for slot_adapter. Names of finished sequences linger until
-        # the table holds 2 x max_num_seqs + 1 names; then it is rebuilt from the slots' own.
-        self._adapter_uids: dict[str, int] = {}
-        self._adapter_names: list[str] = []
-        self._max_adapter_uids = 2 * max_num_seqs + 1
         self._dispatched = 0
         self.device_time = 0.0
         self.num_compiled = 0
@@ -169,30 +161,8 @@ class ModelRunner:
                     2 * len(SAMPLER_MODES) * len(rows), self.num_compiled, self.compile_seconds)
 
     # ---- one step -------------------------------------------------------------------------
-    def bind(self, seq: Sequence) -> None:
-        """A sequence was admitted into seq.slot: record what its slot keeps while it runs."""
-        self.slot_sampler[seq.slot] = seq.sampling_row
-        self.slot_prompt_len[seq.slot] = seq.num_prompt_tokens
-        name = seq.lora_name
-        if name is not None and name not in self._adapter_uids:
-            if len(self._adapter_names) >= self._max_adapter_uids:
-                self._compact_adapter_uids()
-            self._adapter_uids[name] = len(self._adapter_names)
-            self._adapter_names.append(name)
-        self.slot_adapter[seq.slot] = -1 if name is None else self._adapter_uids[name]
-
-    def _compact_adapter_uids(self) -> None:
-        """Keep only the names some slot holds (at most max_num_seqs), renumbered: the table stays
-        bounded however many adapters are served over time."""
-        kept = np.unique(self.slot_adapter[self.slot_adapter >= 0])
-        renumber = np.full(len(self._adapter_names) + 1, -1, np.int64)  # (-1 reads the last entry: -1)
-        renumber[kept] = np.arange(len(kept))
-        self.slot_adapter = renumber[self.slot_adapter]
-        self._adapter_names = [self._adapter_names[u] for u in kept.tolist()]
-        self._adapter_uids = {name: uid for uid, name in enumerate(self._adapter_names)}
-
-    def build_batch(self, decode: list[Sequence], prefill: list[Chunk], block_table: np.ndarray,
-                    slot_pages: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    def build_batch(self, decode: list[Sequence], prefill: list[Chunk]
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
         """The padded batch, packed as _step_forward takes it: tokens [7, T], seqs [S, pages + 1]
         (rows of page tables are block-table slots), plus the sampler's rows [S, 7] (temperature,
         top_p, top_k, seed low, seed high, logprobs wanted or -1, step) and the batch's active
@@ -203,12 +173,14 @@ class ModelRunner:
         # its slot. Everything below is vectorized.
         slots, pos, prev, last = (np.fromiter(map(attrgetter(name), decode), np.int64, k)
                                   for name in ("slot", "num_computed_tokens", "pending_row", "last_token"))
-        uids = self.slot_adapter[slots]
-        active = [self._adapter_names[u] for u in np.unique(uids[uids >= 0]).tolist()]
+        table = self.slots
+        block_table = table.block_table
+        uids = table.adapter[slots]
+        active = [table.adapter_names[u] for u in np.unique(uids[uids >= 0]).tolist()]
         active += dict.fromkeys(c.seq.lora_name for c in prefill if c.seq.lora_name not in active
                                 and c.seq.lora_name is not None)
         num_tokens = _pick(self.token_buckets, k + sum(c.length for c in prefill))
-        max_pages = _pick(self.page_buckets, max(int(slot_pages[slots].max(initial=1)),
+        max_pages = _pick(self.page_buckets, max(int(table.num_pages[slots].max(initial=1)),
                                                  max((len(c.seq.page_table) for c in prefill), default=1)))
         ps = self.page_size
         seqs = np.zeros((self.max_num_seqs, max_pages + 1), np.int32)
@@ -223,14 +195,14 @@ class ModelRunner:
         token_seq[:k] = slots
         slot_mapping[:k] = block_table[slots, pos // ps] * ps + pos % ps
         if active:  # adapter uid -> its index among the batch's active adapters
-            lut = np.full(len(self._adapter_uids) + 1, -1, np.int64)
-            lut[[self._adapter_uids[name] for name in active]] = np.arange(len(active))
+            lut = np.full(len(table.adapter_names) + 1, -1, np.int64)
+            lut[[table.adapter_uids[name] for name in active]] = np.arange(len(active))
             lora_ids[:k] = lut[uids]  # (uid -1 reads the last entry: -1)
         logits_indices[:k] = np.arange(k)
         sampler = np.zeros((self.max_num_seqs, 7), np.float64)
         sampler[:, 1], sampler[:, 2], sampler[:, 5] = 1.0, -1, -1  # padding rows: greedy, no filters
-        sampler[:k, :6] = self.slot_sampler[slots]
-        sampler[:k, 6] = pos + 1 - self.slot_prompt_len[slots]  # = outputs so far, the pending one included
+        sampler[:k, :6] = table.sampler[slots]
+        sampler[:k, 6] = pos + 1 - table.prompt_len[slots]  # = outputs so far, the pending one included
         offset, num_sampling = k, k
         for c in prefill:
             seq, end = c.seq, offset + c.length
@@ -249,11 +221,10 @@ class ModelRunner:
             offset = end
         return tokens, seqs, sampler, active
 
-    def dispatch(self, decode: list[Sequence], prefill: list[Chunk], block_table: np.ndarray,
-                 slot_pages: np.ndarray) -> InFlight:
+    def dispatch(self, decode: list[Sequence], prefill: list[Chunk]) -> InFlight:
         """Build the batch and enqueue forward + sampler on the device; returns at once. A
         decode token whose sequence has a token pending reads it from the previous dispatch."""
-        tokens, seqs, rows, active = self.build_batch(decode, prefill, block_table, slot_pages)
+        tokens, seqs, rows, active = self.build_batch(decode, prefill)
         lora = self.adapters.stacked_tables(active, self.max_loras) if active else (None, None)
         # Everything the sampler needs is ready before the forward is enqueued: once it runs, the
         # device's threads compete with this one for the cores (on CPU), so forward and sampler

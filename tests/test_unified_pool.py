@@ -296,5 +296,5 @@ def test_many_adapter_names_over_time_keep_the_runner_table_bounded(golden):
         outputs = llm.generate(prompts, GREEDY, requests)
         for i, ((_, folder), out) in enumerate(zip(names, outputs)):
             assert out.outputs[0].token_ids == golden["tiny-llama"][folder]["greedy"][i % 4], (wave, i)
-        sizes.append(len(llm.runner._adapter_names))
+        sizes.append(len(llm.engine.kv.slots.adapter_names))
     assert max(sizes) <= 2 * 3 + 1 and len(llm.adapters.names()) == 60

@@ -7,16 +7,15 @@ engine preempts. Admission keeps a small watermark of pages free so that the seq
 running can grow a while before anyone must be preempted.
 
 It is the engine's memory model for the BatchScheduler (jaxserve/batching.py): can_admit, admit,
-grow, release. Each running sequence also holds a slot: a row of `block_table`, the numpy mirror of every running
-sequence's page table, so the runner builds a batch's page tables and slot mapping with a few
-vector operations instead of a copy per sequence.
+grow, release. Each running sequence also holds a slot of the SlotTable (memory/slots.py), the
+persistent batch the runner reads: its page-table row, sampler inputs, prompt length, adapter.
 """
 from __future__ import annotations
 
-import numpy as np
 
 from jaxserve.lora.store import AdapterStore
 from jaxserve.memory.pool import KV, PagePool
+from jaxserve.memory.slots import SlotTable
 from jaxserve.sequence import Sequence
 
 
@@ -24,9 +23,7 @@ class KVManager:
     def __init__(self, pool: PagePool, adapters: AdapterStore, watermark_pages: int, max_num_seqs: int,
                  max_pages_per_seq: int, max_loras: int):
         self.pool, self.adapters, self.watermark, self.max_loras = pool, adapters, watermark_pages, max_loras
-        self.block_table = np.zeros((max_num_seqs, max_pages_per_seq), np.int32)
-        self.slot_pages = np.zeros(max_num_seqs, np.int32)  # pages in each slot's row
-        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self.slots = SlotTable(max_num_seqs, max_pages_per_seq)  # written here only; the runner reads it
         self.running_loras: dict[str, int] = {}  # adapter -> running sequences using it
 
     def _available(self, keep: str | None) -> int:
@@ -44,8 +41,8 @@ class KVManager:
         return self.admission_pages(seq) + reserve <= self._available(seq.lora_name)
 
     def admit(self, seq: Sequence) -> None:
-        if not self._free_slots:  # (the engine admits at most max_num_seqs; a custom scheduler might not)
-            raise RuntimeError(f"no free slot for {seq.request_id!r}: {len(self.block_table)} sequences already run")
+        if not self.slots.num_free:  # (the engine admits at most max_num_seqs; a custom policy might not)
+            raise RuntimeError(f"no free slot for {seq.request_id!r}: {len(self.slots)} sequences already run")
         name = seq.lora_name
         self.adapters.make_room(self.admission_pages(seq), keep=name)
         if name:
@@ -56,9 +53,8 @@ class KVManager:
             if name:
                 self.adapters.release(name)
             raise
-        seq.slot = self._free_slots.pop()
-        self.block_table[seq.slot, :len(seq.page_table)] = seq.page_table
-        self.slot_pages[seq.slot] = len(seq.page_table)
+        seq.slot = self.slots.claim(seq)
+        self.slots.set_pages(seq.slot, seq.page_table)
         seq.capacity = len(seq.page_table) * self.pool.page_size
         if name:
             self.running_loras[name] = self.running_loras.get(name, 0) + 1
@@ -73,8 +69,7 @@ class KVManager:
         self.adapters.make_room(need)
         have = len(seq.page_table)
         seq.page_table.extend(self.pool.allocate(need, KV, seq.request_id))
-        self.block_table[seq.slot, have:have + need] = seq.page_table[have:]
-        self.slot_pages[seq.slot] = len(seq.page_table)
+        self.slots.set_pages(seq.slot, seq.page_table, have)
         seq.capacity = len(seq.page_table) * self.pool.page_size
         return True
 
@@ -82,7 +77,7 @@ class KVManager:
         self.pool.free(seq.page_table, KV, seq.request_id)
         seq.page_table = []
         seq.capacity = 0
-        self._free_slots.append(seq.slot)
+        self.slots.free(seq.slot)
         seq.slot = -1
         name = seq.lora_name
         if name:
