@@ -110,15 +110,21 @@ class LLM:
         return [finished[request_id] for request_id in ids]
 
     def chat(self, messages, sampling_params=None, lora_request=None, add_generation_prompt: bool = True,
-             use_tqdm: bool | Callable = True):
-        """One conversation (a list of {"role", "content"} dicts) or a list of conversations."""
+             use_tqdm: bool | Callable = True, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None):
+        """One conversation (a list of {"role", "content"} dicts) or a list of conversations,
+        rendered with the model's chat template as transformers renders it; tools (JSON schemas)
+        and chat_template_kwargs (extra template variables) are passed to the template."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("this model has no tokenizer; pass {'prompt_token_ids': [...]} prompts")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise ValueError(f"chat_template_kwargs={chat_template_kwargs!r} is invalid; allowed: None or a dict")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = []
         for conv in conversations:
-            text = tokenizer.apply_chat_template(conv, add_generation_prompt)
+            text = tokenizer.apply_chat_template(conv, add_generation_prompt, tools=tools,
+                                                 **(chat_template_kwargs or {}))
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, lora_request, use_tqdm)
 
