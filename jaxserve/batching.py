@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Callable, Protocol
 
 from jaxserve.sched.base import Scheduler
@@ -107,25 +109,27 @@ class BatchScheduler:
         return len(self.policy)
 
     # ---- one step -------------------------------------------------------------------------
-    def schedule(self) -> ScheduledBatch:
-        decode, preempted = self._decoders()
-        admitted = self._admit(len(decode))
+    def schedule(self, pending: Mapping[Sequence, int] = MappingProxyType({})) -> ScheduledBatch:
+        """pending: sequences with a sampled token still on the device (async overlap) -> its row."""
+        decode, preempted = self._decoders(pending)
+        admitted = self._admit(len(decode), pending)
         # A newly admitted one-token prompt (or remainder) decodes right away.
         decode += [s for s in admitted if s.num_tokens - s.num_computed_tokens == 1]
         prefill = self._prefill_chunks(self.max_num_batched_tokens - len(decode))
         self.last_batch = ScheduledBatch(decode, prefill, admitted, preempted, len(self.running))
         return self.last_batch
 
-    def _decoders(self) -> tuple[list[Sequence], list[Sequence]]:
+    def _decoders(self, pending: Mapping[Sequence, int]) -> tuple[list[Sequence], list[Sequence]]:
         """The running sequences whose next step processes one token (every token but the newest
         is in the cache), in running order, each with room for that token. A token still on the
-        device (async overlap: seq.pending_row) counts as known; a sequence whose pending token
+        device (async overlap: in `pending`) counts as known; a sequence whose pending token
         is its last (max_tokens) has nothing to schedule."""
         decode, short = [], []
         for seq in self.running:
-            known = seq.num_tokens + (seq.pending_row >= 0)
+            in_flight = seq in pending
+            known = seq.num_tokens + in_flight
             if known - seq.num_computed_tokens == 1:
-                if seq.pending_row >= 0 and len(seq.output_token_ids) + 1 >= seq.max_tokens:
+                if in_flight and len(seq.output_token_ids) + 1 >= seq.max_tokens:
                     continue
                 decode.append(seq)
                 if known > seq.capacity:  # rare: its memory is full
@@ -134,7 +138,7 @@ class BatchScheduler:
         for seq in short:
             if seq in preempted:
                 continue
-            while not self.memory.grow(seq, seq.num_known_tokens):
+            while not self.memory.grow(seq, seq.num_tokens + (seq in pending)):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
@@ -152,7 +156,7 @@ class BatchScheduler:
         self.num_preemptions += 1
         self.policy.requeue(seq)
 
-    def _admit(self, num_decode: int) -> list[Sequence]:
+    def _admit(self, num_decode: int, pending: Mapping[Sequence, int]) -> list[Sequence]:
         limit = self.max_num_seqs - len(self.running)
         if limit <= 0 or not len(self.policy):
             return []
@@ -162,7 +166,7 @@ class BatchScheduler:
         def try_admit(seq: Sequence) -> bool:
             nonlocal budget
             # (a preempted request whose last token is still on the device waits a step)
-            if budget <= 0 or seq.pending_row >= 0 or not memory.can_admit(seq, len(running)):
+            if budget <= 0 or seq in pending or not memory.can_admit(seq, len(running)):
                 return False
             memory.admit(seq)
             running.append(seq)

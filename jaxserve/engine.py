@@ -194,10 +194,12 @@ class Engine:
         start = time.perf_counter()
         device_before = self.runner.device_time
         previous, self._inflight = self._inflight, None
+        # Tokens the previous step sampled that nobody has read yet: their sequences know one
+        # token more than they hold, and feed it to the device from there.
+        pending = previous.rows if previous is not None else {}
         try:
-            batch = self.batcher.schedule()
-            dispatched = (None if batch.empty else
-                          self.runner.dispatch(batch.decode, batch.prefill))
+            batch = self.batcher.schedule(pending)
+            dispatched = None if batch.empty else self.runner.dispatch(batch.decode, batch.prefill, pending)
         except BaseException:
             self._inflight = previous  # nothing new is on the device: keep the old step's tokens
             raise
@@ -240,8 +242,7 @@ class Engine:
         """Read a dispatched step's tokens; append, stop-check, finish, and report."""
         tokens, logprobs, tops = self.runner.collect(inflight)
         now = time.monotonic()
-        report, ended, appended = append_tokens(inflight.sampling, tokens, logprobs, tops, inflight.step_id, now,
-                                                self.batcher.charge)
+        report, ended, appended = append_tokens(inflight.sampling, tokens, logprobs, tops, now, self.batcher.charge)
         self.stats.tokens += appended
         self.stats.steps += 1
         for seq in ended:

@@ -39,13 +39,14 @@ def load_model(config: EngineConfig) -> LoadedModel:
     max_model_len = config.max_model_len
     if path.suffix == ".gguf":
         hf_config, params, gguf = weights.load_gguf_params(path)
+        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
         cfg = ModelConfig.from_hf(hf_config)
         tokenizer = Tokenizer(gguf.tokenizer, gguf.chat_template, gguf.bos_token, gguf.eos_token,
                               cfg.eos_token_ids)
     else:
         hf_config, tensors = weights.read_hf_folder(path)
         cfg = ModelConfig.from_hf(hf_config)
-        params = weights.hf_to_params(cfg, tensors)
+        params = weights.hf_to_params(cfg, tensors, dtype)  # streamed: tensor by tensor, cast on the device
         tokenizer = (Tokenizer.from_hf_folder(path, cfg.eos_token_ids)
                      if (path / "tokenizer.json").exists() else None)
         window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
@@ -56,7 +57,6 @@ def load_model(config: EngineConfig) -> LoadedModel:
         max_model_len = min(limit, 2048)
     if max_model_len > limit:
         raise ValueError(f"max_model_len={max_model_len!r} is invalid for this model; allowed: 1..{limit}")
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)  # on device before sizing the pool
     return LoadedModel(cfg, params, tokenizer, max_model_len, dtype)
 
 

@@ -15,15 +15,13 @@ NON_FINITE_ERROR = ("the model's logits for this request are not finite (NaN or 
                     "overflowed, e.g. through an adapter whose weights are far too large")
 
 
-def append_tokens(seqs: list[Sequence], tokens, logprobs, tops, step_id: int, now: float,
+def append_tokens(seqs: list[Sequence], tokens, logprobs, tops, now: float,
                   charge: Callable[[Sequence, int, int], None]) -> tuple[list[Sequence], list[Sequence], int]:
     """One step's sampled tokens, row by row: returns (sequences with something to report,
     sequences that ended, tokens appended). It runs for every sampled token: kept flat (no
     per-token calls in the common case beyond the append and the charge)."""
     ended, report, appended = [], [], 0
     for seq, token, logprob, top in zip(seqs, tokens, logprobs, tops):
-        if seq.pending_step == step_id:  # (a later dispatch may have set a newer pending row)
-            seq.pending_row = -1
         if seq.finish_reason is not None:  # aborted, or finished by the step before: surplus
             continue
         if not -_INF < logprob < _INF:  # NaN/inf logits (the comparison is False for NaN)

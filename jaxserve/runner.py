@@ -17,6 +17,8 @@ import dataclasses
 import logging
 import time
 from functools import partial
+from collections.abc import Mapping
+from itertools import repeat
 from operator import attrgetter
 
 import jax
@@ -31,6 +33,7 @@ from jaxserve.lora.store import AdapterStore
 from jaxserve.memory.device_pool import DevicePool
 from jaxserve.memory.slots import SlotTable
 from jaxserve.model import llama
+from jaxserve.packed import COLUMN, PackedBatch, SamplerInputs, sampler_table
 from jaxserve.pallas import ops
 from jaxserve.pallas.plan import StepPlan
 from jaxserve.shapes import lora_tile_options, lora_tiles_needed, token_buckets
@@ -38,18 +41,14 @@ from jaxserve.sampling import MAX_LOGPROBS, SAMPLER_MODES, sample_packed, sample
 from jaxserve.sequence import Sequence
 
 logger = logging.getLogger("jaxserve")
+STEP = COLUMN["step"]  # (the sampler columns before it are a request's fixed sampling_row)
 
-def _step_forward(params, pool, tokens, seqs, prev_tokens, lora_flat, lora_ranks, *, cfg: ModelConfig,
+def _step_forward(params, pool, batch: PackedBatch, prev_tokens, lora_flat, lora_ranks, *, cfg: ModelConfig,
                   kernels: str, lora_layout, plan: StepPlan, num_logits: int):
-    """llama.forward over a batch packed into few arrays — the host sends each array to the
-    device separately and each transfer costs tens of microseconds, so a step sends two int32
-    arrays (plus two for LoRA) instead of nine (plus 21): tokens [7, T] = token_ids, positions,
-    token_seq, slot_mapping, lora_ids, prev_rows, cached_lens; seqs [S, max_pages + 1] = page
-    tables with the logits index of row i in the last column."""
-    batch = llama.Batch(tokens[0], tokens[1], tokens[2], tokens[3], seqs[:, :-1], tokens[4], seqs[:, -1], tokens[5],
-                        tokens[6])
+    """llama.forward over a batch packed into few arrays (packed.py: each host-to-device transfer
+    costs tens of microseconds, so a step sends two int32 arrays, plus two for LoRA)."""
     lora = split_tables(lora_flat, lora_ranks, lora_layout) if lora_flat is not None else None
-    return llama.forward(params, pool, batch, prev_tokens, cfg, lora, kernels, plan, num_logits)
+    return llama.forward(params, pool, batch.unpack(), prev_tokens, cfg, lora, kernels, plan, num_logits)
 
 
 # One jitted step for the process: runners of the same model config share compiled variants.
@@ -62,6 +61,7 @@ class InFlight:
     """A dispatched step whose sampled tokens the host has not read yet. Its logits rows follow
     `sampling`: the decode sequences first, then the prefill chunks that sample."""
     sampling: list[Sequence]
+    rows: dict[Sequence, int]   # a sampling sequence -> its row: its token is on the device until read
     arrays: tuple               # device arrays: tokens, token logprob, top ids, top logprobs
     step_id: int
     wants_logprobs: bool        # some sampling sequence asked for logprobs
@@ -141,8 +141,8 @@ class ModelRunner:
         n = self.max_num_seqs
         for tokens, pages, plan in self.shape_variants():
             tables = self.adapters.stacked_tables([], self.max_loras) if plan.lora_tiles else (None, None)
-            _jitted_forward.lower(self.params, self.device_pool.array, np.zeros((7, tokens), np.int32),
-                                  np.zeros((n, pages + 1), np.int32), self._last_tokens, *tables,
+            _jitted_forward.lower(self.params, self.device_pool.array, PackedBatch.empty(tokens, n, pages),
+                                  self._last_tokens, *tables,
                                   plan=plan, num_logits=self.num_logits(tokens),
                                   **self._forward.keywords).compile()
         rows = sorted({self.num_logits(t) for t in self.token_buckets})
@@ -150,7 +150,7 @@ class ModelRunner:
             logits = jax.ShapeDtypeStruct((r, self.cfg.vocab_size), jnp.float32)
             for num_logprobs in (0, MAX_LOGPROBS):
                 for mode in SAMPLER_MODES:
-                    sample_packed.lower(logits, np.zeros((r, 2), np.float32), np.zeros((r, 4), np.int32),
+                    sample_packed.lower(logits, SamplerInputs.pack(sampler_table(r)),
                                         num_logprobs=num_logprobs, mode=mode, pad_to=n).compile()
         self.device_pool.warmup(self.adapters.max_adapter_pages())
         after = runtime.backend_compiles()
@@ -161,96 +161,85 @@ class ModelRunner:
                     2 * len(SAMPLER_MODES) * len(rows), self.num_compiled, self.compile_seconds)
 
     # ---- one step -------------------------------------------------------------------------
-    def build_batch(self, decode: list[Sequence], prefill: list[Chunk]
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-        """The padded batch, packed as _step_forward takes it: tokens [7, T], seqs [S, pages + 1]
-        (rows of page tables are block-table slots), plus the sampler's rows [S, 7] (temperature,
-        top_p, top_k, seed low, seed high, logprobs wanted or -1, step) and the batch's active
-        adapters (their order gives lora_ids). Decode tokens come first, built with vector
-        operations; then prefill chunks."""
+    def build_batch(self, decode: list[Sequence], prefill: list[Chunk], pending: Mapping[Sequence, int]
+                    ) -> tuple[PackedBatch, np.ndarray, list[str]]:
+        """The padded batch (packed.PackedBatch; page-table rows are slots), the sampler's rows
+        (packed.SAMPLER_FIELDS) and the batch's active adapters (their order gives lora_ids).
+        Decode tokens come first, built with vector operations; then prefill chunks."""
         k = len(decode)
         # The four per-step values of each decode sequence, gathered once; the rest comes from
         # its slot. Everything below is vectorized.
-        slots, pos, prev, last = (np.fromiter(map(attrgetter(name), decode), np.int64, k)
-                                  for name in ("slot", "num_computed_tokens", "pending_row", "last_token"))
-        table = self.slots
-        block_table = table.block_table
-        uids = table.adapter[slots]
-        active = [table.adapter_names[u] for u in np.unique(uids[uids >= 0]).tolist()]
+        slots, pos, last = (np.fromiter(map(attrgetter(name), decode), np.int64, k)
+                            for name in ("slot", "num_computed_tokens", "last_token"))
+        prev = np.fromiter(map(pending.get, decode, repeat(-1, k)), np.int64, k)  # its row of the last samples
+        slot_table = self.slots
+        block_table = slot_table.block_table
+        uids = slot_table.adapter[slots]
+        active = [slot_table.adapter_names[u] for u in np.unique(uids[uids >= 0]).tolist()]
         active += dict.fromkeys(c.seq.lora_name for c in prefill if c.seq.lora_name not in active
                                 and c.seq.lora_name is not None)
         num_tokens = _pick(self.token_buckets, k + sum(c.length for c in prefill))
-        max_pages = _pick(self.page_buckets, max(int(table.num_pages[slots].max(initial=1)),
+        max_pages = _pick(self.page_buckets, max(int(slot_table.num_pages[slots].max(initial=1)),
                                                  max((len(c.seq.page_table) for c in prefill), default=1)))
         ps = self.page_size
-        seqs = np.zeros((self.max_num_seqs, max_pages + 1), np.int32)
-        seqs[:, :-1] = block_table[:, :max_pages]
-        logits_indices = seqs[:, -1]
-        tokens = np.zeros((7, num_tokens), np.int32)
-        token_ids, positions, token_seq, slot_mapping, lora_ids, prev_rows, cached_lens = tokens
-        slot_mapping[:] = lora_ids[:] = prev_rows[:] = -1  # padding: write nowhere, no adapter
-        token_ids[:k] = np.where(prev >= 0, 0, last)  # a pending token is read from the device
-        prev_rows[:k] = prev
-        positions[:k] = cached_lens[:k] = pos
-        token_seq[:k] = slots
-        slot_mapping[:k] = block_table[slots, pos // ps] * ps + pos % ps
+        batch = PackedBatch.empty(num_tokens, self.max_num_seqs, max_pages)
+        batch.page_tables[:] = block_table[:, :max_pages]
+        logits_indices = batch.logits_indices
+        t = batch.rows()
+        t.token_ids[:k] = np.where(prev >= 0, 0, last)  # a pending token is read from the device
+        t.prev_rows[:k] = prev
+        t.positions[:k] = t.cached_lens[:k] = pos
+        t.token_seq[:k] = slots
+        t.slot_mapping[:k] = block_table[slots, pos // ps] * ps + pos % ps
         if active:  # adapter uid -> its index among the batch's active adapters
-            lut = np.full(len(table.adapter_names) + 1, -1, np.int64)
-            lut[[table.adapter_uids[name] for name in active]] = np.arange(len(active))
-            lora_ids[:k] = lut[uids]  # (uid -1 reads the last entry: -1)
+            lut = np.full(len(slot_table.adapter_names) + 1, -1, np.int64)
+            lut[[slot_table.adapter_uids[name] for name in active]] = np.arange(len(active))
+            t.lora_ids[:k] = lut[uids]  # (uid -1 reads the last entry: -1)
         logits_indices[:k] = np.arange(k)
-        sampler = np.zeros((self.max_num_seqs, 7), np.float64)
-        sampler[:, 1], sampler[:, 2], sampler[:, 5] = 1.0, -1, -1  # padding rows: greedy, no filters
-        sampler[:k, :6] = table.sampler[slots]
-        sampler[:k, 6] = pos + 1 - table.prompt_len[slots]  # = outputs so far, the pending one included
+        sampler = sampler_table(self.max_num_seqs)
+        sampler[:k, :STEP] = slot_table.sampler[slots]
+        sampler[:k, STEP] = pos + 1 - slot_table.prompt_len[slots]  # = outputs so far, the pending one included
         offset, num_sampling = k, k
         for c in prefill:
             seq, end = c.seq, offset + c.length
             p = np.arange(c.start, c.start + c.length)
-            token_ids[offset:end] = (seq.prompt_token_ids + seq.output_token_ids)[c.start:c.start + c.length]
-            positions[offset:end] = p
-            token_seq[offset:end] = seq.slot
-            slot_mapping[offset:end] = block_table[seq.slot, p // ps] * ps + p % ps
-            cached_lens[offset:end] = c.start
+            t.token_ids[offset:end] = (seq.prompt_token_ids + seq.output_token_ids)[c.start:c.start + c.length]
+            t.positions[offset:end] = p
+            t.token_seq[offset:end] = seq.slot
+            t.slot_mapping[offset:end] = block_table[seq.slot, p // ps] * ps + p % ps
+            t.cached_lens[offset:end] = c.start
             if seq.lora_name is not None:
-                lora_ids[offset:end] = active.index(seq.lora_name)
+                t.lora_ids[offset:end] = active.index(seq.lora_name)
             if c.wants_token:
                 logits_indices[num_sampling] = end - 1
                 sampler[num_sampling] = seq.sampling_row + (len(seq.output_token_ids),)
                 num_sampling += 1
             offset = end
-        return tokens, seqs, sampler, active
+        return batch, sampler, active
 
-    def dispatch(self, decode: list[Sequence], prefill: list[Chunk]) -> InFlight:
+    def dispatch(self, decode: list[Sequence], prefill: list[Chunk], pending: Mapping[Sequence, int]) -> InFlight:
         """Build the batch and enqueue forward + sampler on the device; returns at once. A
         decode token whose sequence has a token pending reads it from the previous dispatch."""
-        tokens, seqs, rows, active = self.build_batch(decode, prefill)
+        batch, sampler, active = self.build_batch(decode, prefill, pending)
         lora = self.adapters.stacked_tables(active, self.max_loras) if active else (None, None)
         # Everything the sampler needs is ready before the forward is enqueued: once it runs, the
         # device's threads compete with this one for the cores (on CPU), so forward and sampler
         # go out back to back.
-        wanted = rows[:, 5].max()
-        ints = np.empty((self.max_num_seqs, 4), np.int32)
-        ints[:, 0], ints[:, 3] = rows[:, 2], rows[:, 6]
-        ints[:, 1:3] = rows[:, 3:5].astype(np.uint32).view(np.int32)
-        floats = rows[:, :2].astype(np.float32)
+        wanted = sampler[:, COLUMN["logprobs"]].max()
+        inputs = SamplerInputs.pack(sampler)
         num_logprobs = MAX_LOGPROBS if wanted > 0 else 0  # one compiled variant serves every N
-        mode = sampler_mode(rows[:, 0], rows[:, 2], rows[:, 1])
-        num_tokens = tokens.shape[1]
-        plan = self.plan(num_tokens, tokens[4] if active else None)
+        mode = sampler_mode(sampler[:, COLUMN["temperature"]], sampler[:, COLUMN["top_k"]], sampler[:, COLUMN["top_p"]])
+        num_tokens = batch.tokens.shape[1]
+        plan = self.plan(num_tokens, batch.rows().lora_ids if active else None)
         rows_out = self.num_logits(num_tokens)
-        logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, tokens, seqs,
+        logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, batch,
                                                        self._last_tokens, *lora, plan=plan, num_logits=rows_out)
-        arrays = sample_packed(logits, floats[:rows_out], ints[:rows_out], num_logprobs=num_logprobs,
-                               mode=mode, pad_to=self.max_num_seqs)
+        arrays = sample_packed(logits, inputs[:rows_out], num_logprobs=num_logprobs, mode=mode,
+                               pad_to=self.max_num_seqs)
         self._last_tokens = arrays[0]
         self._dispatched += 1
-        step = self._dispatched
         sampling = decode + [c.seq for c in prefill if c.wants_token]
-        for row, seq in enumerate(sampling):  # (only once the dispatch went through)
-            seq.pending_row = row
-            seq.pending_step = step
-        return InFlight(sampling, arrays, step, wanted >= 0)
+        return InFlight(sampling, {seq: row for row, seq in enumerate(sampling)}, arrays, self._dispatched, wanted >= 0)
 
     def collect(self, inflight: InFlight) -> tuple[list[int], list[float], list[dict | None]]:
         """Wait for a dispatched step's tokens (the wait counts as device time): per sampling

@@ -149,14 +149,12 @@ def sample(logits, temperature, top_k, top_p, seeds, steps, num_logprobs: int = 
 
 
 @partial(jax.jit, static_argnames=("num_logprobs", "mode", "pad_to"))
-def sample_packed(logits, floats, ints, num_logprobs: int = 0, mode: str = "filtered", pad_to: int = 0):
-    """`sample` with its per-row inputs packed into two arrays, so a step sends two small arrays
-    to the device instead of five (each transfer costs tens of microseconds on the host):
-    floats [N, 2] = temperature, top_p; ints [N, 4] int32 = top_k, seed low, seed high (the
-    uint32 halves' bits), step. The tokens come back zero-padded to pad_to rows."""
-    seeds = jax.lax.bitcast_convert_type(ints[:, 1:3], jnp.uint32)
-    tokens, *rest = sample(logits, floats[:, 0], ints[:, 0], floats[:, 1], seeds, ints[:, 3],
-                           num_logprobs=num_logprobs, mode=mode)
+def sample_packed(logits, inputs, num_logprobs: int = 0, mode: str = "filtered", pad_to: int = 0):
+    """`sample` with its per-row inputs packed (packed.SamplerInputs: two arrays, so a step sends
+    two small arrays to the device instead of five). The tokens come back zero-padded to pad_to
+    rows."""
+    temperature, top_p, top_k, seeds, steps = inputs.unpack()
+    tokens, *rest = sample(logits, temperature, top_k, top_p, seeds, steps, num_logprobs=num_logprobs, mode=mode)
     # The next step feeds pending decode tokens from these rows: one length for every step's
     # tokens (max_num_seqs) keeps the forward's input shape fixed whatever this step's row count.
     return (jnp.pad(tokens, (0, max(0, pad_to - tokens.shape[0]))), *rest)

@@ -5,6 +5,7 @@ import dataclasses
 
 from jaxserve.lora.request import LoRARequest
 from jaxserve.outputs import RequestMetrics
+from jaxserve.packed import sampling_row
 from jaxserve.sampling import SamplingParams
 
 
@@ -28,8 +29,6 @@ class Sequence:
     capacity: int = 0                          # tokens its pages hold (len(page_table) * page_size)
     num_computed_tokens: int = 0               # tokens whose KV is in the cache
     num_charged_prefill: int = 0               # prompt tokens already charged to the scheduler
-    pending_row: int = -1                      # row of its token in the step in flight, -1: none
-    pending_step: int = 0                      # which dispatch that row belongs to
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None                   # why, when finish_reason is "error"
@@ -48,8 +47,7 @@ class Sequence:
         self.last_token = (self.output_token_ids or self.prompt_token_ids)[-1]
         self.lora_name = self.lora_request.lora_name if self.lora_request else None
         p = self.params  # the sampler's per-request inputs, fixed for the request's life
-        self.sampling_row = (p.temperature, p.top_p, p.top_k, self.seed & 0xFFFFFFFF, self.seed >> 32,
-                             p.logprobs if p.logprobs is not None else -1)
+        self.sampling_row = sampling_row(p.temperature, p.top_p, p.top_k, self.seed, p.logprobs)
         self.output_kind = p.output_kind
         # Tokens that end the request when sampled: its stop_token_ids, plus EOS unless ignore_eos
         # (the engine adds the tokenizer's EOS ids).
@@ -73,13 +71,3 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-    @property
-    def pending(self) -> bool:
-        """A token was sampled by the step in flight; the host has not seen it yet."""
-        return self.pending_row >= 0
-
-    @property
-    def num_known_tokens(self) -> int:
-        """Tokens including one still on the device."""
-        return self.num_tokens + (self.pending_row >= 0)

@@ -27,7 +27,7 @@ def test_folder_without_weights(tmp_path):
 
 def test_checkpoint_missing_a_tensor():
     config, tensors = weights.read_hf_folder(FIXTURES / "tiny-llama")
-    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors = {name: tensors[name] for name in tensors if name != "model.layers.1.mlp.up_proj.weight"}
     with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight"):
         weights.hf_to_params(ModelConfig.from_hf(config), tensors)
 

