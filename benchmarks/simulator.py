@@ -4,6 +4,9 @@ service difference, throughput, preemptions, first-token latency — and a finge
 
     python benchmarks/simulator.py --out before.json
     python benchmarks/simulator.py --out after.json --compare before.json
+
+benchmarks/simulator_baseline.json holds the figures from before the simulator drove the
+engine's BatchScheduler (issue 11); `--compare` it to see what a change to batching moves.
 """
 from __future__ import annotations
 
