@@ -86,8 +86,7 @@ class BatchScheduler:
         self.policy.add(seq)
         rejected = self.policy.drain_rejected()
         for seq in rejected:
-            seq.finish_reason = "abort"
-            seq.stop_reason = f"rejected by the {self.policy.name} scheduler"
+            seq.finish("abort", f"rejected by the {self.policy.name} scheduler")
             seq.metrics.finished_time = self.clock()
         return rejected
 
@@ -151,8 +150,7 @@ class BatchScheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.memory.release(seq)
-        seq.num_computed_tokens = 0
-        seq.metrics.num_preemptions += 1
+        seq.preempted()
         self.num_preemptions += 1
         self.policy.requeue(seq)
 

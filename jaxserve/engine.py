@@ -151,7 +151,7 @@ class Engine:
             if seq is None or seq.finished:
                 return False
             self.batcher.finish(seq)
-            seq.finish_reason = "abort"
+            seq.finish("abort")
             if seq.detokenizer is not None:
                 seq.detokenizer.flush(seq.output_token_ids)
             seq.metrics.finished_time = time.monotonic()
@@ -260,8 +260,8 @@ class Engine:
             if self._requests.get(seq.request_id) is not seq or any(s is seq for s in self._aborted):
                 continue  # finished and reported already (or about to be: an abort)
             if seq.finish_reason is None:  # (else it ended in this step, before the failure)
-                seq.finish_reason = "error"
-                seq.error = f"the engine step computing this request's next token failed: {type(exc).__name__}: {exc}"
+                seq.finish("error", error=f"the engine step computing this request's next token failed: "
+                                          f"{type(exc).__name__}: {exc}")
             self._finish(seq, now)
             self._aborted.append(seq)
 

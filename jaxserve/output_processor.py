@@ -25,7 +25,7 @@ def append_tokens(seqs: list[Sequence], tokens, logprobs, tops, now: float,
         if seq.finish_reason is not None:  # aborted, or finished by the step before: surplus
             continue
         if not -_INF < logprob < _INF:  # NaN/inf logits (the comparison is False for NaN)
-            seq.finish_reason, seq.error = "error", NON_FINITE_ERROR
+            seq.finish("error", error=NON_FINITE_ERROR)
             ended.append(seq)
             continue
         if not seq.output_token_ids:
@@ -34,15 +34,13 @@ def append_tokens(seqs: list[Sequence], tokens, logprobs, tops, now: float,
         appended += 1
         charge(seq, 0, 1)
         if token in seq.stop_ids:
-            seq.finish_reason = "stop"
-            if token in seq.params.stop_token_ids:
-                seq.stop_reason = token
+            seq.finish("stop", token if token in seq.params.stop_token_ids else None)
         elif len(seq.output_token_ids) >= seq.max_tokens:
-            seq.finish_reason = "length"
+            seq.finish("length")
         if seq.output_kind != "final_only" or seq.params.stop:
             stop = seq.detokenizer.add(seq.output_token_ids) if seq.detokenizer is not None else None
             if stop is not None:
-                seq.finish_reason, seq.stop_reason = "stop", stop
+                seq.finish("stop", stop)
         if seq.finish_reason is not None:
             ended.append(seq)
         elif seq.output_kind != "final_only":

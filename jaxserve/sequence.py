@@ -1,4 +1,11 @@
-"""Sequence: one request's state from add_request to its last output."""
+"""Sequence: one request's state from add_request to its last output.
+
+Who writes what (one owner each): its tokens and its finish — its own methods (append_token,
+finish, preempted); num_computed_tokens and num_charged_prefill — the BatchScheduler (the
+cache's progress and what the policy was charged); page_table, slot and capacity — the memory
+model (KVManager or the simulator's TokenMemory); sent_tokens / sent_text — output_processor
+(delta outputs); stop_ids, detokenizer and metrics' arrival — RequestIntake, once.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -67,6 +74,15 @@ class Sequence:
         self.output_token_ids.extend([0] * count)
         self.num_tokens += count
         self.last_token = 0
+
+    def finish(self, reason: str, stop_reason: int | str | None = None, error: str | None = None) -> None:
+        """reason: "stop", "length", "abort" or "error" (with error saying why)."""
+        self.finish_reason, self.stop_reason, self.error = reason, stop_reason, error
+
+    def preempted(self) -> None:
+        """Its cache was dropped: every token is computed again when it is readmitted."""
+        self.num_computed_tokens = 0
+        self.metrics.num_preemptions += 1
 
     @property
     def finished(self) -> bool:

@@ -323,7 +323,7 @@ class _Simulation:
                     assert self.memory.grow(s, s.num_tokens - 1)  # (k is bounded by the free memory)
             self.batcher.charge(s, 0, k)
             if len(out) >= s.max_tokens:
-                s.finish_reason = "length"
+                s.finish("length")
                 s.metrics.finished_time = self.now
                 self.batcher.finish(s)
 
