@@ -132,9 +132,11 @@ class Engine:
         requests = [tuple(r) + (None,) * (6 - len(r)) for r in requests]
         with self._lock:
             ids = [str(r[0]) for r in requests]
-            taken = [i for i in ids if i in self._requests]
-            if taken or len(set(ids)) < len(ids):
-                raise ValueError(f"request_id {(taken or ids)[0]!r} is already in use")
+            seen: set[str] = set()
+            for request_id in ids:
+                if request_id in self._requests or request_id in seen:
+                    raise ValueError(f"request_id {request_id!r} is already in use")
+                seen.add(request_id)
             new = self.intake.load_new_adapters([r[3] for r in requests])
             seqs = [self.intake.make_sequence(*r, new_adapters=new) for r in requests]
             for req, adapter, _ in new.values():

@@ -418,3 +418,19 @@ print("unchanged")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and "unchanged" in done.stdout, done.stderr[-2000:]
+
+
+def test_add_requests_is_all_or_none(tiny_llm):
+    """A batch of requests with a repeated id, or one bad prompt, queues none of them."""
+    engine = tiny_llm.engine
+    params = SamplingParams(temperature=0, max_tokens=2)
+    good = ("all-or-none-1", {"prompt_token_ids": [1, 2]}, params, None)
+    with pytest.raises(ValueError, match="request_id 'twice' is already in use"):
+        engine.add_requests([good, ("twice", {"prompt_token_ids": [3]}, params, None),
+                             ("twice", {"prompt_token_ids": [4]}, params, None)])
+    with pytest.raises(ValueError, match="prompt_token_ids=\\[\\] is invalid"):
+        engine.add_requests([good, ("empty", {"prompt_token_ids": []}, params, None)])
+    assert not engine.has_unfinished_requests()
+    engine.add_requests([good])  # its id was never taken
+    while engine.has_unfinished_requests():
+        engine.step()

@@ -237,7 +237,7 @@ class _Simulation:
         return None
 
     def run(self) -> SimResult:
-        cfg, seqs, policy, batcher = self.cfg, self.seqs, self.policy, self.batcher
+        cfg, seqs, batcher = self.cfg, self.seqs, self.batcher
         n, i = len(seqs), 0
         until = cfg.until
         while True:
