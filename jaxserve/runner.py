@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from functools import partial
 from collections.abc import Mapping
+from functools import partial
 from itertools import repeat
 from operator import attrgetter
 
