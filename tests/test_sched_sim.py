@@ -152,3 +152,12 @@ def test_plots(tmp_path):
     p = plot_run(rs[0], tmp_path / "run.png")
     q = plot_compare(rs, tmp_path / "cmp.png", title="on_off_less")
     assert p.stat().st_size > 1000 and q.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("overrides,match", [({"kv_capacity": 0}, "kv_capacity=0"),
+                                             ({"max_num_seqs": 2.5}, "max_num_seqs=2.5"),
+                                             ({"until": float("nan")}, "until=nan"),
+                                             ({"cost": 3}, "cost=3")])
+def test_simulator_config_is_checked(overrides, match):
+    with pytest.raises(ValueError, match=f"SimConfig.{match} is invalid"):
+        simulate(W.overload(duration=10), make_scheduler("vtc"), **overrides)

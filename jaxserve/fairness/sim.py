@@ -75,6 +75,16 @@ class SimConfig:
     fuse: bool = True                   # fuse identical decode steps (exact; only faster)
     until: float | None = None          # stop the clock here (later requests stay unfinished)
 
+    def __post_init__(self):
+        for name in ("kv_capacity", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SimConfig.{name}={value!r} is invalid; allowed: an integer >= 1")
+        if not isinstance(self.cost, CostModel):
+            raise ValueError(f"SimConfig.cost={self.cost!r} is invalid; allowed: a CostModel")
+        if self.until is not None and not (isinstance(self.until, (int, float)) and math.isfinite(self.until)):
+            raise ValueError(f"SimConfig.until={self.until!r} is invalid; allowed: None or a finite number of seconds")
+
 
 class TokenMemory:
     """The simulator's memory model for the BatchScheduler: the KV cache holds `capacity` tokens;
