@@ -17,7 +17,6 @@ from pathlib import Path
 
 from collections.abc import Iterator, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
@@ -168,7 +167,7 @@ def load_gguf_params(path: Path) -> tuple[dict, dict, "object"]:
         with safe_open(cached, framework="flax") as f:  # (jax arrays: the caller casts them on the device)
             params = _unflatten({k: f.get_tensor(k) for k in f.keys()})
     else:
-        params = jax.device_get(hf_to_params(cfg, gguf.tensors))
+        params = hf_to_params(cfg, gguf.tensors)  # on the device; _flatten copies each leaf out once
         gguf.tensors.clear()
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".tmp{os.getpid()}")
