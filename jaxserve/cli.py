@@ -1,4 +1,4 @@
-"""`jaxserve` command line: generate, demo, bench, fairness."""
+"""`jaxserve` command line: generate, demo, serve, bench, fairness."""
 from __future__ import annotations
 
 import argparse
@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64)
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.set_defaults(func=cmd_demo)
+    from jaxserve.server import cli as serve_cli
+    serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server (adapters by `model`, tenants "
+                           "as fairness clients, /metrics)")
+    _add_model_args(serve)
+    serve_cli.add_arguments(serve)
+    serve.set_defaults(func=lambda args: serve_cli.main(args, _engine_kwargs(args)))
     bench = sub.add_parser("bench", help=f"run a benchmark: {', '.join(BENCHMARKS)} (args after it pass through)")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("rest", nargs=argparse.REMAINDER)

@@ -22,7 +22,7 @@ from typing import AsyncIterator, Callable, Iterator
 
 from jaxserve.batching import BatchScheduler
 from jaxserve.config import EngineConfig
-from jaxserve.intake import RequestIntake
+from jaxserve.intake import NewAdapters, RequestIntake
 from jaxserve.loading import load_model, pool_pages
 from jaxserve.lora.request import LoRARequest
 from jaxserve.lora.store import AdapterStore
@@ -101,10 +101,18 @@ class Engine:
     def add_lora(self, lora_request: LoRARequest) -> None:
         """Register an adapter: validated, packed and kept in host memory; it takes pool pages
         only while requests need it (or until evicted)."""
-        new = self.intake.load_new_adapters([lora_request])
+        self.register_loras(self.load_loras([lora_request]))
+
+    def load_loras(self, lora_requests) -> NewAdapters:
+        """Read and check adapters not registered yet, changing nothing (no lock: a server does
+        the slow file reads off its stepping thread)."""
+        return self.intake.load_new_adapters(lora_requests)
+
+    def register_loras(self, new: NewAdapters) -> None:
         with self._lock:
             for req, adapter, _ in new.values():
-                self.adapters.register(req, adapter)
+                if req.lora_name not in self.adapters:  # (another caller may have been first)
+                    self.adapters.register(req, adapter)
 
     def remove_lora(self, lora_name: str) -> None:
         """Unregister an adapter and free its pages; RuntimeError while unfinished requests
@@ -160,6 +168,11 @@ class Engine:
             self._aborted.append(seq)
             return True
 
+    def abort_all(self) -> int:
+        """Abort every unfinished request (a server shutting down); how many there were."""
+        with self._lock:
+            return sum(self.abort(request_id) for request_id in list(self._requests))
+
     @property
     def running(self) -> list[Sequence]:
         return self.batcher.running
@@ -174,7 +187,11 @@ class Engine:
 
     def waiting_clients(self) -> set[str]:
         """Clients with requests waiting for admission (new or preempted)."""
-        return {s.client for s in self._requests.values() if s.slot < 0 and not s.finished}
+        return {s.client for s in self.waiting()}
+
+    def waiting(self) -> list[Sequence]:
+        """Requests waiting for admission (new or preempted)."""
+        return [s for s in self._requests.values() if s.slot < 0 and not s.finished]
 
     def num_unfinished_requests(self) -> int:
         return len(self.running) + self.batcher.num_waiting
