@@ -101,7 +101,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-BENCHMARKS = ("adapters", "engine", "kernels", "throughput")
+BENCHMARKS = ("adapters", "engine", "kernels", "serving_http", "throughput")
 
 
 def cmd_bench(args) -> int:

@@ -8,9 +8,8 @@ import socket
 import threading
 import time
 
-import uvicorn
-
 from jaxserve.server import build_app
+from jaxserve.server.cli import GracefulServer
 
 SERVER_LOGGERS = ("jaxserve", "uvicorn", "uvicorn.error", "uvicorn.access", "fastapi")
 
@@ -25,14 +24,14 @@ class _Errors(logging.Handler):
 
 
 class Served:
-    def __init__(self, engine, name: str = "tiny", **app_options):
+    def __init__(self, engine, name: str = "tiny", grace: float = 10.0, **app_options):
         self.engine, self.name = engine, name
         self.app = build_app(engine, name, **app_options)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=10))
+        self.server = GracefulServer(self.app, grace, log_level="warning")
         self.errors = _Errors()
 
     def __enter__(self) -> "Served":

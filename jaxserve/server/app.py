@@ -44,7 +44,6 @@ class OpenAIServer:
                  max_waiting_requests: int = 1024):
         if not isinstance(max_waiting_requests, int) or max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests={max_waiting_requests!r} is invalid; allowed: an integer >= 1")
-        self.engine = EngineThread(engine)
         self.served_model_name, self.api_key = served_model_name, api_key
         self.max_waiting_requests = max_waiting_requests
         self.tokenizer = engine.tokenizer
@@ -54,6 +53,7 @@ class OpenAIServer:
         self.service = TenantService(w_p, w_q)
         engine.batcher.add_charge_listener(self.service.charge)
         self.metrics = ServerMetrics(served_model_name, engine.config.max_loras)
+        self.engine = EngineThread(engine, observe=self.metrics.observe)
         self._lora_ids = itertools.count(1 + max((engine.adapters.request_of(n).lora_int_id
                                                   for n in engine.adapters.names()), default=0))
         self._submitting = 0  # requests on their way into the engine (not yet counted as waiting)
@@ -99,6 +99,12 @@ class OpenAIServer:
 
     def admitted(self, n: int) -> None:
         self._submitting -= n
+
+    def abort_all(self) -> None:
+        """Shutdown's last word: abort every unfinished request (they end with finish_reason
+        "abort")."""
+        if self.engine.alive:
+            self.engine.post(self.engine.engine.abort_all)
 
     # ---- adapters -------------------------------------------------------------------------
     async def load_adapter(self, name: str, path: str) -> None:

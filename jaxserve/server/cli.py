@@ -6,10 +6,28 @@ SIGTERM or SIGINT stops it gracefully: no new connections, in-flight requests ge
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 
+import uvicorn
+
 logger = logging.getLogger("jaxserve.server")
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server whose graceful shutdown ends in an abort: requests in flight get `grace`
+    seconds to finish, then the engine aborts them, so each ends as a normal response with
+    finish_reason "abort" (a stream: then [DONE]) rather than a cut connection. uvicorn's own
+    timeout (cancelling the handlers) stays as a backstop."""
+
+    def __init__(self, app, grace: float = 30.0, **config):
+        super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=grace + 10, **config))
+        self.grace = grace
+
+    async def shutdown(self, sockets=None):
+        asyncio.get_running_loop().call_later(self.grace, self.config.app.state.server.abort_all)
+        await super().shutdown(sockets)
 
 
 def _pairs(values: list[str], flag: str, kind=str) -> dict:
@@ -44,8 +62,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args, engine_kwargs: dict) -> int:
-    import uvicorn
-
     from jaxserve import runtime
     from jaxserve.config import EngineConfig
     from jaxserve.engine import Engine
@@ -62,9 +78,7 @@ def main(args, engine_kwargs: dict) -> int:
     runtime.freeze_startup_heap()
     name = args.served_model_name or args.model
     app = build_app(engine, name, api_key=args.api_key, max_waiting_requests=args.max_waiting_requests)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout)
-    server = uvicorn.Server(config)
+    server = GracefulServer(app, args.shutdown_timeout, host=args.host, port=args.port, log_level=args.log_level)
     # uvicorn handles SIGTERM / SIGINT while it serves and re-raises them once it has shut down;
     # these handlers take that re-raise, so a graceful stop exits 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}

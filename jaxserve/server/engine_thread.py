@@ -23,8 +23,9 @@ _IDLE_WAIT_SECONDS = 1.0  # an idle thread wakes this often anyway (to see a sto
 
 
 class EngineThread:
-    def __init__(self, engine):
+    def __init__(self, engine, observe: Callable[[RequestOutput], None] | None = None):
         self.engine = engine
+        self._observe = observe  # sees every output (of aborted requests too), on this thread
         self._inbox: collections.deque = collections.deque()  # (fn, args, loop, future or None)
         self._wake = threading.Event()
         # request_id -> (event loop, queue, tag): where the thread delivers the request's outputs.
@@ -131,6 +132,8 @@ class EngineThread:
         lock, so in step order)."""
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
+            if self._observe is not None:
+                self._observe(out)
             consumer = self._consumers.get(out.request_id)
             if consumer is not None:
                 loop, queue, tag = consumer

@@ -203,7 +203,6 @@ async def until_disconnected(http: Request, work: asyncio.Future):
 async def _collect(server, job: Job, outputs):
     try:
         async for index, out in outputs:
-            server.metrics.observe(out, len(out.outputs[0].token_ids))
             job.choices[index].add(out)
     finally:
         outputs.close()
@@ -230,7 +229,6 @@ async def _sse(server, job: Job, outputs) -> AsyncIterator[str]:
                 offsets[c.index] = len(text)
                 yield _event(job.chunk(c.index, text, [], [], None))
         async for index, out in outputs:
-            server.metrics.observe(out, len(out.outputs[0].token_ids))
             choice = job.choices[index]
             text, token_ids, logprobs = choice.add(out)
             if choice.finish_reason == "error":

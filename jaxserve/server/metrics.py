@@ -80,9 +80,9 @@ class ServerMetrics:
         self._state: dict = {}
         self.registry.register(_EngineCollector(self))
 
-    def observe(self, out: RequestOutput, new_tokens: int) -> None:
-        """A delta output of a request: count its tokens; at its end, its latencies."""
-        label = self.model_name
+    def observe(self, out: RequestOutput) -> None:
+        """A DELTA output of a request: count its tokens; at its end, its latencies."""
+        label, new_tokens = self.model_name, len(out.outputs[0].token_ids)
         if new_tokens:
             self.generation_tokens.labels(label).inc(new_tokens)
         if not out.finished:
