@@ -116,6 +116,10 @@ def test_logprobs_match_the_engine(client, tiny_llm, golden):
     content = chat.logprobs.content
     assert len(content) == 12
     assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == chat.message.content
+    streamed = client.chat.completions.create(model="qv-r4", messages=[{"role": "user", "content": "hi"}],
+                                              logprobs=True, top_logprobs=2, stream=True, **GREEDY)
+    streamed = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]  # one per token
     for e in content:
         assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
         assert len(e.top_logprobs) == 2 and e.logprob == pytest.approx(e.top_logprobs[0].logprob)

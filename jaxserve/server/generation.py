@@ -112,10 +112,10 @@ class Job:
                     "logprobs": self._chat_logprobs(c.token_ids, c.logprobs)}
         text = c.text
         if self.body.echo:
-            text = self._prompt_text(c.index // self.body.n) + text
+            text = self.prompt_text(c.index // self.body.n) + text
         return {**base, "text": text, "logprobs": self._completion_logprobs(c.token_ids, c.logprobs, 0)}
 
-    def _prompt_text(self, p: int) -> str:
+    def prompt_text(self, p: int) -> str:
         text = self.prompt_texts[p]
         if text is None and self.server.tokenizer is not None:
             text = self.server.tokenizer.decode(self.requests[p * self.body.n][1]["prompt_token_ids"],
@@ -161,10 +161,10 @@ async def run(server, body, http: Request):
     job = Job(server, body, http)
     outputs = await submit(server, job)
     if body.stream:
-        return StreamingResponse(_sse(server, job, outputs), media_type="text/event-stream",
+        return StreamingResponse(_sse(job, outputs), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                  background=BackgroundTask(outputs.close))  # (also after a disconnect)
-    collect = asyncio.ensure_future(_collect(server, job, outputs))
+    collect = asyncio.ensure_future(_collect(job, outputs))
     return await until_disconnected(http, collect)
 
 
@@ -200,7 +200,7 @@ async def until_disconnected(http: Request, work: asyncio.Future):
     return work.result()
 
 
-async def _collect(server, job: Job, outputs):
+async def _collect(job: Job, outputs):
     try:
         async for index, out in outputs:
             job.choices[index].add(out)
@@ -213,7 +213,7 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _sse(server, job: Job, outputs) -> AsyncIterator[str]:
+async def _sse(job: Job, outputs) -> AsyncIterator[str]:
     """The SSE stream: per choice, (chat) a first chunk with the role, then its deltas, the last
     with its finish_reason; a usage chunk when asked; then [DONE]. Errors after the stream began
     arrive as an error event (the status line is long sent)."""
@@ -225,7 +225,7 @@ async def _sse(server, job: Job, outputs) -> AsyncIterator[str]:
                 yield _event(job.chunk(c.index, "", [], [], None, role=True))
         elif body.echo:
             for c in job.choices:
-                text = job._prompt_text(c.index // body.n)
+                text = job.prompt_text(c.index // body.n)
                 offsets[c.index] = len(text)
                 yield _event(job.chunk(c.index, text, [], [], None))
         async for index, out in outputs:
@@ -234,7 +234,7 @@ async def _sse(server, job: Job, outputs) -> AsyncIterator[str]:
             if choice.finish_reason == "error":
                 yield _event(error_body(f"generation failed: {choice.error}", 500))
                 break
-            if not text and not out.finished:
+            if not text and not out.finished and not logprobs:
                 continue  # (e.g. the start of a multi-byte character, held back)
             chunk = job.chunk(index, text, token_ids, logprobs, choice if out.finished else None, offsets[index])
             offsets[index] += len(text)
