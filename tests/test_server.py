@@ -281,7 +281,7 @@ def test_unknown_fields_are_ignored(http):
 def test_health_version_and_metrics_names(http, served):
     assert http.get("/health").status_code == 200
     assert http.get("/version").json()["version"]
-    http.post("/v1/completions", json={"model": "qv-r4", "prompt": "count me", "max_tokens": 4,
+    http.post("/v1/completions", json={"model": "qv-r4", "prompt": "count me", "max_tokens": 4, "ignore_eos": True,
                                        "user": "metrics-tenant"})
     m = metrics(http, served.url)
     names = {name for name, _ in m}
