@@ -147,8 +147,7 @@ class Engine:
                 seen.add(request_id)
             new = self.intake.load_new_adapters([r[3] for r in requests])
             seqs = [self.intake.make_sequence(*r, new_adapters=new) for r in requests]
-            for req, adapter, _ in new.values():
-                self.adapters.register(req, adapter)
+            self.register_loras(new)
             for seq in seqs:
                 self._requests[seq.request_id] = seq
                 self._aborted += self.batcher.add(seq)  # (rpm with reject=True refuses some)

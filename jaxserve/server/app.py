@@ -40,11 +40,10 @@ _OPEN_PATHS = ("/health",)  # answered without the API key (load balancers' prob
 class OpenAIServer:
     """What the routes share: the engine thread, the names served, the limits, the metrics."""
 
-    def __init__(self, engine, served_model_name: str, api_key: str | None = None,
-                 max_waiting_requests: int = 1024):
+    def __init__(self, engine, served_model_name: str, max_waiting_requests: int = 1024):
         if not isinstance(max_waiting_requests, int) or max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests={max_waiting_requests!r} is invalid; allowed: an integer >= 1")
-        self.served_model_name, self.api_key = served_model_name, api_key
+        self.served_model_name = served_model_name
         self.max_waiting_requests = max_waiting_requests
         self.tokenizer = engine.tokenizer
         self.token_texts = TokenTexts(engine.tokenizer)
@@ -145,7 +144,7 @@ def build_app(engine, served_model_name: str | None = None, api_key: str | None 
               max_waiting_requests: int = 1024, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The server over an Engine (its thread starts with the app and stops with it: pending
     requests are aborted)."""
-    server = OpenAIServer(engine, served_model_name or engine.config.model, api_key, max_waiting_requests)
+    server = OpenAIServer(engine, served_model_name or engine.config.model, max_waiting_requests)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -157,7 +156,7 @@ def build_app(engine, served_model_name: str | None = None, api_key: str | None 
     app.state.server = server
     install_handlers(app)
     _add_routes(app, server)
-    # Outermost first: the body limit, then the key check (a refused client reads no body).
+    # The last added is the outermost: the body-size check, then the key check, then the routes.
     app.add_middleware(_Auth, api_key=api_key)
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     return app
