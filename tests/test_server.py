@@ -331,3 +331,4 @@ def test_queue_limit_answers_429_with_retry_after():
                 s.state.max_waiting_requests = 0  # (every request is now over the limit)
                 client.completions.create(model="tiny", prompt="x", max_tokens=1)
     assert not s.error_messages()
+

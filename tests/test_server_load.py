@@ -1,5 +1,5 @@
-"""The server under load and faults, and per-tenant fairness through HTTP (tiny model, CPU,
-127.0.0.1). Every loop is bounded in count and time."""
+"""The server under load and faults (disconnects, failing steps), its API key, and per-tenant
+fairness through HTTP (tiny model, CPU, 127.0.0.1). Every loop is bounded in count and time."""
 import asyncio
 import json
 import random
@@ -15,6 +15,7 @@ from test_server import ADAPTERS, LLM_GREEDY, tiny_engine
 
 from jaxserve.engine import Engine
 from jaxserve.fairness.metrics import vtc_bound
+from jaxserve.memory.pool import KV
 
 MODELS = ("tiny", *ADAPTERS)
 
@@ -185,3 +186,44 @@ def test_fairness_through_http_vtc_within_its_bound_fcfs_not():
           f"2U = {bound:.0f}")
     assert n_vtc >= 5 and n_fcfs >= 5  # both really were backlogged together for a while
     assert d_vtc <= bound < d_fcfs
+
+
+def test_failed_steps_are_500s_in_openais_shape_and_the_server_goes_on(golden):
+    """Reading a step's tokens fails once: that request gets a 500 naming the cause (plain) or an
+    error event then [DONE] (streamed); the next request is served. Dispatch failing step after
+    step: after three in a row every request ends (a 500), and once steps work again so does the
+    server."""
+    engine = tiny_engine()
+    collect, dispatch, calls = engine.runner.collect, engine.runner.dispatch, []
+
+    def collect_failing_every_fourth(inflight):
+        calls.append(1)
+        if len(calls) % 4 == 0:
+            raise RuntimeError("device lost")
+        return collect(inflight)
+
+    def dispatch_failing(*args, **kwargs):
+        raise RuntimeError("out of device memory")
+
+    engine.runner.collect = collect_failing_every_fourth
+    body = {"model": "qv-r4", "prompt": golden["tiny-llama"]["qv-r4"]["prompts"][1], "max_tokens": 12,
+            "temperature": 0, "ignore_eos": True}
+    with Served(engine) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 500, r.text
+        assert r.json()["error"]["type"] == "server_error" and "device lost" in r.json()["error"]["message"]
+        calls.clear()
+        events = [line for line in c.post("/v1/completions", json={**body, "stream": True}).text.splitlines()
+                  if line.startswith("data: ")]
+        assert "device lost" in json.loads(events[-2][6:])["error"]["message"] and events[-1] == "data: [DONE]"
+        engine.runner.collect = collect
+        ok = c.post("/v1/completions", json=body).json()
+        assert ok["usage"]["completion_tokens"] == 12 and c.get("/health").status_code == 200
+        engine.runner.dispatch = dispatch_failing
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 500 and "3 steps in a row" in r.json()["error"]["message"]
+        assert "out of device memory" in r.json()["error"]["message"]
+        engine.runner.dispatch = dispatch
+        assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == ok["choices"][0]["text"]
+        assert c.get("/health").status_code == 200
+    assert not engine.has_unfinished_requests() and engine.pool.num_used(KV) == 0

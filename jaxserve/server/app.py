@@ -187,8 +187,9 @@ def _add_routes(app: FastAPI, server: OpenAIServer) -> None:
 
     @app.get("/health")
     async def health():
-        if not server.engine.alive:
-            return JSONResponse(error_body("the engine thread is not running", 503), status_code=503)
+        if not server.engine.healthy:
+            return JSONResponse(error_body("the engine is not running or its steps keep failing", 503),
+                                status_code=503)
         return Response(status_code=200)
 
     @app.get("/version")

@@ -13,13 +13,17 @@ import collections
 import dataclasses
 import logging
 import threading
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 from jaxserve.outputs import RequestOutput
 
 logger = logging.getLogger("jaxserve.server")
 
 _IDLE_WAIT_SECONDS = 1.0  # an idle thread wakes this often anyway (to see a stop request)
+# A failed step ends its own requests with finish_reason "error" (the engine does that); this many
+# failures in a row is no passing fault: every request is ended, and /health says unhealthy until
+# a step succeeds again.
+MAX_STEP_FAILURES = 3
 
 
 class EngineThread:
@@ -35,6 +39,7 @@ class EngineThread:
         # Published by the thread after each step, read by handlers without a round trip.
         self.num_waiting = 0
         self.num_running = 0
+        self.failed_steps = 0  # in a row
 
     def start(self) -> None:
         self._thread.start()
@@ -116,13 +121,22 @@ class EngineThread:
             elif error is not None:
                 logger.error("engine command %s failed: %s", getattr(fn, "__name__", fn), error)
 
+    @property
+    def healthy(self) -> bool:
+        return self.alive and self.failed_steps < MAX_STEP_FAILURES
+
     def _step(self) -> None:
         try:
             self.engine.step(route=self._route)
-        except Exception as exc:  # the requests waiting for this step hear of it; serving goes on
-            logger.exception("engine step failed")
-            for loop, queue, _ in list(self._consumers.values()):
-                _put(loop, queue, RuntimeError(f"the engine step failed: {type(exc).__name__}: {exc}"))
+            self.failed_steps = 0
+        except Exception as exc:
+            self.failed_steps += 1
+            logger.exception("engine step failed (%d in a row)", self.failed_steps)
+            if self.failed_steps >= MAX_STEP_FAILURES:  # end everything rather than spin
+                self.engine.abort_all()
+                for loop, queue, _ in list(self._consumers.values()):
+                    _put(loop, queue, RuntimeError(f"the engine failed {self.failed_steps} steps in a row, the "
+                                                   f"last with {type(exc).__name__}: {exc}"))
         finally:
             self.num_waiting = self.engine.batcher.num_waiting
             self.num_running = len(self.engine.running)

@@ -72,6 +72,10 @@ def install_handlers(app: FastAPI) -> None:
         param = loc[0] if loc and first.get("type") != "json_invalid" else None
         return OpenAIError(message, 400, param=param).response()
 
+    @app.exception_handler(RuntimeError)
+    async def _engine_error(request: Request, exc: RuntimeError):  # the engine failed or shut down
+        return JSONResponse(error_body(str(exc), 500), status_code=500)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         return JSONResponse(error_body(str(exc.detail), exc.status_code), status_code=exc.status_code,
