@@ -101,7 +101,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-BENCHMARKS = ("adapters", "engine", "kernels", "serving_http", "throughput")
+BENCHMARKS = ("adapters", "engine", "kernels", "serve", "serving_http", "throughput")
 
 
 def cmd_bench(args) -> int:
@@ -112,7 +112,10 @@ def cmd_bench(args) -> int:
     if not script.exists():
         raise SystemExit(f"{script} not found: `jaxserve bench` runs from a source checkout")
     sys.argv = [str(script), *args.rest]
-    runpy.run_path(str(script), run_name="__main__")
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as done:  # the script's own exit status (argparse's 2 for bad flags too)
+        return done.code if isinstance(done.code, int) else int(done.code is not None)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Fairness workloads: a JSONL format and seeded generators for the VTC paper's suites.
+"""Workloads: a JSONL format, seeded generators for the VTC paper's fairness suites, and
+S-LoRA's synthetic serving trace (`slora_trace`).
 
 One request per line: {"client": str, "arrival": seconds, "input_len": int, "output_len": int}
 with optional "adapter" (a LoRA name) and "weight" (the client's fair-share weight).
@@ -133,6 +134,38 @@ def _poisson_two(rng, rates, duration, lens, cv: float = 1.0) -> list[Request]:
 def _sorted(reqs):
     reqs.sort(key=lambda r: r.arrival)
     return reqs
+
+
+def adapter_name(i: int) -> str:
+    return f"lora{i}"
+
+
+def slora_trace(num_adapters: int, alpha: float, request_rate: float, cv: float, duration: float,
+                input_range: tuple[int, int], output_range: tuple[int, int], tenants: int = 1,
+                seed: int = 42) -> list[Request]:
+    """S-LoRA's synthetic serving trace (its benchmarks): int(request_rate x duration) requests;
+    request i's adapter index is int(num_adapters x U_i) with U_i ~ numpy's power(alpha) (alpha < 1
+    skews toward the first adapters: P(index < k) = (k / num_adapters) ** alpha); gaps between
+    arrivals are gamma with mean 1 / request_rate and coefficient of variation cv (1: Poisson);
+    input and output lengths uniform in [lo, hi). Adapter k belongs to tenant k % tenants (each
+    tenant owns its fine-tunes), named client0, client1, ..."""
+    for name, value in (("num_adapters", num_adapters), ("tenants", tenants)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= 1")
+    for name, value in (("alpha", alpha), ("request_rate", request_rate), ("cv", cv), ("duration", duration)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}={value!r} is invalid; allowed: a number > 0")
+    for name, (lo, hi) in (("input_range", input_range), ("output_range", output_range)):
+        if not (1 <= lo < hi):
+            raise ValueError(f"{name}=({lo}, {hi}) is invalid; allowed: 1 <= lo < hi (lengths are drawn from [lo, hi))")
+    rng = np.random.default_rng(seed)
+    n = int(request_rate * duration)
+    which = np.minimum((num_adapters * rng.power(alpha, n)).astype(int), num_adapters - 1)
+    inputs = rng.integers(input_range[0], input_range[1], n)
+    outputs = rng.integers(output_range[0], output_range[1], n)
+    arrivals = np.cumsum(rng.gamma(1.0 / (cv * cv), cv * cv / request_rate, n))
+    return [Request(client_name(int(k) % tenants), float(t), int(i), int(o), adapter_name(int(k)))
+            for k, t, i, o in zip(which, arrivals, inputs, outputs)]
 
 
 # ---- the suites -------------------------------------------------------------------------
