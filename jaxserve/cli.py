@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 
 
@@ -60,47 +59,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-DEMO_REQUESTS = [
-    ("What is the capital of France?", None),
-    ("Write a haiku about the sea.", None),
-    ("Name three primary colors.", "demo-a"),
-    ("Why is the sky blue?", "demo-b"),
-]
-
-
-def cmd_demo(args) -> int:
-    """SmolLM2 answers a few chat prompts, two of them through generated demo adapters."""
-    from jaxserve import LLM, LoRARequest, SamplingParams
-    from jaxserve.lora.demo import write_random_adapter
-
-    llm = LLM(**_engine_kwargs(args))
-    cfg, runner = llm.model_config, llm.runner
-    print(f"loaded {args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size} in {llm.load_time:.1f} s "
-          f"(of which warm-up {runner.compile_seconds:.1f} s: {len(runner.shape_variants())} batch shapes "
-          f"compiled or loaded from the compilation cache)")
-    with tempfile.TemporaryDirectory() as tmp:
-        loras = {
-            "demo-a": LoRARequest("demo-a", 1, str(write_random_adapter(
-                f"{tmp}/demo-a", cfg, rank=8, target_modules=("q_proj", "v_proj"), seed=1))),
-            "demo-b": LoRARequest("demo-b", 2, str(write_random_adapter(
-                f"{tmp}/demo-b", cfg, rank=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj",
-                                                                 "gate_proj", "up_proj", "down_proj"), seed=2))),
-        }
-        conversations = [[{"role": "user", "content": p}] for p, _ in DEMO_REQUESTS]
-        lora_requests = [loras[name] if name else None for _, name in DEMO_REQUESTS]
-        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-        start = time.perf_counter()
-        outputs = llm.chat(conversations, params, lora_requests)
-        elapsed = time.perf_counter() - start
-    for (prompt, name), out in zip(DEMO_REQUESTS, outputs):
-        print(f"\n[{name or 'base model'}] {prompt}\n  -> {out.outputs[0].text.strip()}")
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print(f"\n{len(outputs)} requests in one batch, {tokens} generated tokens in {elapsed:.2f} s: "
-          f"{tokens / elapsed:.1f} tokens/s (adapters loaded into the pool on demand, no compilation)")
-    return 0
-
-
 BENCHMARKS = ("adapters", "engine", "kernels", "serve", "serving_http", "throughput")
 
 
@@ -133,12 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
-    demo = sub.add_parser("demo", help="SmolLM2 answers a few prompts, two through demo adapters")
+    from jaxserve import demo as demo_job
+    demo = sub.add_parser("demo", help="the main job: SmolLM2, 32 adapters, 4 tenants, FCFS vs VTC (--quick: "
+                          "four prompts in one batch)")
     _add_model_args(demo)
-    # A small batch shape set: the demo's four requests need no more, and start-up compiles less.
-    demo.set_defaults(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64)
-    demo.add_argument("--max-tokens", type=int, default=48)
-    demo.set_defaults(func=cmd_demo)
+    # Batch shapes for a CPU demo: fewer to compile at start-up, big enough for 4 tenants' traffic.
+    demo.set_defaults(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64, max_lora_rank=32)
+    demo_job.add_arguments(demo)
+    demo.set_defaults(func=demo_job.main)
     from jaxserve.server import cli as serve_cli
     serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server (adapters by `model`, tenants "
                            "as fairness clients, /metrics)")

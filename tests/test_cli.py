@@ -30,7 +30,7 @@ def test_generate_with_lora_and_chat(capsys):
 
 def test_engine_flags_are_engine_config_with_its_defaults():
     """The CLI's engine knobs are EngineConfig's fields: same defaults, so they cannot drift
-    (the demo alone shrinks its batch shapes, on purpose)."""
+    (the demo alone sets its batch shapes and adapter rank, on purpose)."""
     import dataclasses
 
     from jaxserve.cli import ENGINE_FLAGS, build_parser
@@ -41,7 +41,7 @@ def test_engine_flags_are_engine_config_with_its_defaults():
     assert gen["model"] == defaults["model"]
     demo = vars(build_parser().parse_args(["demo"]))
     assert {n for n in ENGINE_FLAGS if demo[n] != defaults[n]} == {"max_model_len", "max_num_seqs",
-                                                                     "max_num_batched_tokens"}
+                                                                     "max_num_batched_tokens", "max_lora_rank"}
     assert vars(build_parser().parse_args(["generate", "--max-num-seqs", "4", "x"]))["max_num_seqs"] == 4
 
 

@@ -32,9 +32,10 @@ def scaled_lengths(r: Request, length_scale: float) -> tuple[int, int]:
 
 def replay(engine, workload: Iterable[Request], *, step_seconds: float | None = None, speedup: float = 1.0,
            length_scale: float = 1.0, seed: int = 0, until: float | None = None,
-           adapters: dict | None = None) -> SimResult:
+           adapters: dict | None = None, progress=None) -> SimResult:
     """adapters: {adapter name: LoRARequest} for the workload's "adapter" fields (requests whose
-    adapter is not in it run on the base model)."""
+    adapter is not in it run on the base model). progress: a tqdm-like bar, updated per finished
+    request."""
     adapters = adapters or {}
     requests = sorted(workload, key=lambda r: r.arrival)
     rng = np.random.default_rng(seed)
@@ -102,6 +103,8 @@ def replay(engine, workload: Iterable[Request], *, step_seconds: float | None = 
                     rec.first_token = now
                 rec.output_len += len(completion.token_ids)
                 if o.finished:
+                    if progress is not None:
+                        progress.update(1)
                     rec.finish = now
                     rec.rejected = completion.finish_reason == "abort"
                     rec.num_preemptions = o.metrics.num_preemptions
