@@ -8,8 +8,9 @@ The trace (jaxserve.fairness.workloads.slora_trace, S-LoRA's benchmarks' definit
 index int(N x power(alpha)), gamma inter-arrivals (--cv 1: Poisson) at --request-rate, input and
 output lengths uniform in their ranges, adapter k owned by tenant k % --tenants. Each request is
 its input length of random prompt token ids and exactly its output length of greedy tokens
-(ignore_eos), through its adapter: random PEFT LoRA folders (B non-zero) on all seven
-projections, ranks cycling through the preset's. Requests arrive at their trace times; the engine
+(ignore_eos), through its adapter: random PEFT LoRA folders (B non-zero) on the attention
+projections q/k/v/o (S-LoRA's experiments' adapters; --all-modules: all seven), ranks cycling
+through the preset's. Requests arrive at their trace times; the engine
 steps in between; every output's time is recorded (TTFT, TPOT, ITL, E2E as vLLM defines them).
 
 Presets (CPU): `tiny` (the test fixture; lengths [4, 24)), `smollm2` (lengths [8, 256)). Prints
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-ttft", type=float, default=6.0, help="seconds (S-LoRA: 6)")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--num-pool-pages", type=int, default=None)
+    p.add_argument("--max-loras", type=int, default=None, help="distinct adapters in one batch (engine default 32)")
+    p.add_argument("--all-modules", action="store_true", help="adapters on all seven projections, not q/k/v/o")
     p.add_argument("--save-result", help="write the figures and the configuration as JSON here")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from jaxserve import LoRARequest, runtime
-    from jaxserve.config import LORA_MODULES
+    from jaxserve.config import ATTN_MODULES, LORA_MODULES
     from jaxserve.engine import Engine
     from jaxserve.fairness.run import TINY_MODEL
     from jaxserve.fairness.workloads import adapter_name, slora_trace
@@ -197,8 +200,8 @@ def main(argv=None) -> int:
                         output_range, args.tenants, args.seed)
     if not trace:
         raise ValueError(f"request_rate x duration = {args.request_rate * args.duration:g}: no request to send")
-    overrides = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("num_pool_pages", args.num_pool_pages))
-                 if v is not None}
+    overrides = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("num_pool_pages", args.num_pool_pages),
+                                   ("max_loras", args.max_loras)) if v is not None}
     if "max_num_seqs" in overrides:
         overrides["max_num_batched_tokens"] = max(512, overrides["max_num_seqs"])
     engine = Engine(model=model, scheduler=args.scheduler, **preset["engine"], **overrides)
@@ -209,7 +212,8 @@ def main(argv=None) -> int:
         for name in used:  # only the adapters the trace uses are written (and registered)
             k = int(name[len(adapter_name(0)) - 1:])
             folder = write_random_adapter(Path(tmp) / name, engine.model_config, rank=ranks[k % len(ranks)],
-                                          target_modules=LORA_MODULES, seed=args.seed + k)
+                                          target_modules=LORA_MODULES if args.all_modules else ATTN_MODULES,
+                                          seed=args.seed + k)
             adapters[name] = LoRARequest(name, k + 1, str(folder))
             engine.add_lora(adapters[name])
         progress = None if args.no_progress else tqdm(total=len(trace), desc="requests", file=sys.stderr)
