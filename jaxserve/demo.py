@@ -40,6 +40,7 @@ def add_arguments(p) -> None:
                    help="seconds after the last arrival before what is unfinished is aborted (bounds the run)")
     p.add_argument("--input-len", default="16:96", help="prompt tokens, uniform in [LO, HI)")
     p.add_argument("--output-len", default="16:48", help="output tokens, uniform in [LO, HI)")
+    p.add_argument("--schedulers", default="fcfs,vtc", help="the policies to compare, in this order")
     p.add_argument("--out", default="jaxserve-demo", help="where the plots and demo.json go")
 
 
@@ -138,6 +139,11 @@ def print_table(rows: list[dict], rates: list[float]) -> None:
         print(f"{c:10s} {rate:6.2f} {cells}")
 
 
+def _adapters(folder: Path) -> dict:
+    from jaxserve.lora.request import LoRARequest
+    return {p.name: LoRARequest(p.name, i + 1, str(p)) for i, p in enumerate(sorted(folder.iterdir()))}
+
+
 def run_scheduler(args, name: str, reqs, adapters_dir: Path):
     """The workload on a fresh engine under one policy (wall clock), with a progress bar; what
     is still unfinished a while after the last arrival is aborted (it counts as unfinished)."""
@@ -145,9 +151,8 @@ def run_scheduler(args, name: str, reqs, adapters_dir: Path):
 
     from jaxserve.engine import Engine
     from jaxserve.fairness.replay import replay
-    from jaxserve.lora.request import LoRARequest
     engine = Engine(**_engine_kwargs(args), scheduler=name)
-    adapters = {p.name: LoRARequest(p.name, i + 1, str(p)) for i, p in enumerate(sorted(adapters_dir.iterdir()))}
+    adapters = _adapters(adapters_dir)
     with tqdm(total=len(reqs), desc=f"{name:5s} requests", dynamic_ncols=True) as bar:
         result = replay(engine, reqs, adapters=adapters, until=args.duration + args.drain, progress=bar)
     engine.abort_all()
@@ -160,10 +165,12 @@ def main(args) -> int:
     from jaxserve import LLM, LoRARequest
     from jaxserve.config import ATTN_MODULES
     from jaxserve.fairness.plots import plot_compare
+    from jaxserve.fairness.run import scheduler_names
     from jaxserve.fairness.workloads import adapter_name
     from jaxserve.lora.demo import write_random_adapter
 
     rates = _rates(args.rates)
+    schedulers = scheduler_names(args.schedulers)
     input_range, output_range = _range(args.input_len, "--input-len"), _range(args.output_len, "--output-len")
     if args.adapters < 2:
         raise ValueError(f"--adapters {args.adapters} is invalid; allowed: an integer >= 2")
@@ -187,24 +194,24 @@ def main(args) -> int:
         quick(args, llm, loras)
         if args.quick:
             return 0
+        reqs = workload(rates, args.duration, args.adapters, input_range, output_range)
         del llm
         gc.collect()  # (one engine at a time: each holds its pool)
-        reqs = workload(rates, args.duration, args.adapters, input_range, output_range)
         print(f"\nworkload: {len(reqs)} requests in {args.duration:g} s from 4 tenants at "
               f"{', '.join(f'{r:g}' for r in rates)} req/s, each through one of its own {args.adapters // TENANTS} "
               f"adapters (of {args.adapters}, ranks {'/'.join(map(str, RANKS))}); prompts {input_range[0]}-"
               f"{input_range[1] - 1} tokens, outputs {output_range[0]}-{output_range[1] - 1}")
-        results = [run_scheduler(args, name, reqs, folder) for name in ("fcfs", "vtc")]
+        results = [run_scheduler(args, name, reqs, folder) for name in schedulers]
     rows = [describe(r) for r in results]
     print_table(rows, rates)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot = plot_compare(results, out / "fcfs_vs_vtc.png", title="service rate and first-token latency per tenant")
+    plot = plot_compare(results, out / f"{'_vs_'.join(schedulers)}.png",
+                        title="service rate and first-token latency per tenant")
     (out / "demo.json").write_text(json.dumps({"rates": rates, "adapters": args.adapters, "duration": args.duration,
                                                "requests": len(reqs), "schedulers": rows}, indent=1))
-    fcfs, vtc = rows
-    print(f"\nThe largest service difference between backlogged tenants: VTC {vtc['max_backlogged_difference']:.0f}, "
-          f"FCFS {fcfs['max_backlogged_difference']:.0f} (at {vtc['tokens_per_s']:.0f} vs {fcfs['tokens_per_s']:.0f} "
-          f"tok/s).\nplots: {plot.resolve()}\n"
+    print("\nThe largest service difference between backlogged tenants: " + ", ".join(
+        f"{r['scheduler']} {r['max_backlogged_difference']:.0f} (at {r['tokens_per_s']:.0f} tok/s)" for r in rows)
+        + f".\nplots: {plot.resolve()}\n"
           f"result: {(out / 'demo.json').resolve()}")
     return 0

@@ -38,3 +38,8 @@ def test_demo_quick_is_one_batch_only(tmp_path, capsys):
 def test_demo_refuses_bad_rates(capsys):
     assert main(["demo", *SMALL, "--rates", "1,2"]) == 2
     assert "--rates '1,2' is invalid; allowed: 4 numbers > 0" in capsys.readouterr().err
+
+
+def test_demo_refuses_an_unknown_scheduler(capsys):
+    assert main(["demo", *SMALL, "--schedulers", "fcfs,nope"]) == 2
+    assert "'nope' is invalid" in capsys.readouterr().err
