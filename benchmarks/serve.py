@@ -205,12 +205,14 @@ def main(argv=None) -> int:
     if "max_num_seqs" in overrides:
         overrides["max_num_batched_tokens"] = max(512, overrides["max_num_seqs"])
     engine = Engine(model=model, scheduler=args.scheduler, **preset["engine"], **overrides)
-    used = sorted({r.adapter for r in trace})
+    used = {r.adapter for r in trace}
     with tempfile.TemporaryDirectory() as tmp:
         ranks = preset["ranks"]
         adapters = {}
-        for name in used:  # only the adapters the trace uses are written (and registered)
-            k = int(name[len(adapter_name(0)) - 1:])
+        for k in range(args.num_adapters):  # only the adapters the trace uses are written (and registered)
+            name = adapter_name(k)
+            if name not in used:
+                continue
             folder = write_random_adapter(Path(tmp) / name, engine.model_config, rank=ranks[k % len(ranks)],
                                           target_modules=LORA_MODULES if args.all_modules else ATTN_MODULES,
                                           seed=args.seed + k)

@@ -38,7 +38,9 @@ _OPEN_PATHS = ("/health",)  # answered without the API key (load balancers' prob
 
 
 class OpenAIServer:
-    """What the routes share: the engine thread, the names served, the limits, the metrics."""
+    """What the routes share: the engine and its thread, the names served, the limits, the
+    metrics. Handlers read the engine's registries (adapters, config); anything that changes it
+    goes through the thread."""
 
     def __init__(self, engine, served_model_name: str, max_waiting_requests: int = 1024):
         if not isinstance(max_waiting_requests, int) or max_waiting_requests < 1:
@@ -52,7 +54,8 @@ class OpenAIServer:
         self.service = TenantService(w_p, w_q)
         engine.batcher.add_charge_listener(self.service.charge)
         self.metrics = ServerMetrics(served_model_name, engine.config.max_loras)
-        self.engine = EngineThread(engine, observe=self.metrics.observe)
+        self.engine = engine
+        self.thread = EngineThread(engine, observe=self.metrics.observe)  # the engine's only caller while serving
         self._lora_ids = itertools.count(1 + max((engine.adapters.request_of(n).lora_int_id
                                                   for n in engine.adapters.names()), default=0))
         self._submitting = 0  # requests on their way into the engine (not yet counted as waiting)
@@ -62,7 +65,7 @@ class OpenAIServer:
     def resolve_model(self, name: str) -> LoRARequest | None:
         if name == self.served_model_name:
             return None
-        adapters = self.engine.engine.adapters
+        adapters = self.engine.adapters
         try:
             return adapters.request_of(name)
         except KeyError:
@@ -88,7 +91,7 @@ class OpenAIServer:
 
     def admit(self, n: int) -> None:
         """Refuse (429) requests past the waiting-queue limit: the queue is never unbounded."""
-        waiting = self.engine.num_waiting + self._submitting
+        waiting = self.thread.num_waiting + self._submitting
         if waiting + n > self.max_waiting_requests:
             self.metrics.rejected.labels("queue_full").inc()
             raise OpenAIError(f"the server is at capacity: {waiting} requests are waiting (limit "
@@ -102,12 +105,12 @@ class OpenAIServer:
     def abort_all(self) -> None:
         """Shutdown's last word: abort every unfinished request (they end with finish_reason
         "abort")."""
-        if self.engine.alive:
-            self.engine.post(self.engine.engine.abort_all)
+        if self.thread.alive:
+            self.thread.post(self.engine.abort_all)
 
     # ---- adapters -------------------------------------------------------------------------
     async def load_adapter(self, name: str, path: str) -> None:
-        engine = self.engine.engine
+        engine = self.engine
         if name == self.served_model_name or name in engine.adapters:
             raise OpenAIError(f"lora_name {name!r} is already in use (the served model or a loaded adapter); "
                               f"unload it first or choose another name", param="lora_name")
@@ -116,21 +119,21 @@ class OpenAIServer:
             loaded = await asyncio.to_thread(engine.load_loras, [request])  # file reads: off the engine thread
         except (ValueError, OSError) as e:
             raise bad_value(ValueError(f"adapter {name!r} at {path!r}: {e}")) from None
-        await self.engine.call(engine.register_loras, loaded)
+        await self.thread.call(engine.register_loras, loaded)
 
     async def unload_adapter(self, name: str) -> None:
-        engine = self.engine.engine
+        engine = self.engine
         if name not in engine.adapters:
             raise model_not_found(name)
         try:
-            await self.engine.call(engine.remove_lora, name)
+            await self.thread.call(engine.remove_lora, name)
         except RuntimeError as e:  # in use
             raise OpenAIError(str(e), 400, param="lora_name") from None
         except KeyError:  # (removed meanwhile)
             raise model_not_found(name) from None
 
     def models(self) -> list[dict]:
-        engine = self.engine.engine
+        engine = self.engine
         base = {"id": self.served_model_name, "object": "model", "created": int(self.started), "owned_by": "jaxserve",
                 "root": engine.config.model, "parent": None, "max_model_len": self.max_model_len}
         out = [base]
@@ -148,9 +151,9 @@ def build_app(engine, served_model_name: str | None = None, api_key: str | None 
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        server.engine.start()
+        server.thread.start()
         yield
-        await asyncio.to_thread(server.engine.stop)
+        await asyncio.to_thread(server.thread.stop)
 
     app = FastAPI(title="jaxserve", version=jaxserve.__version__, lifespan=lifespan)
     app.state.server = server
@@ -187,7 +190,7 @@ def _add_routes(app: FastAPI, server: OpenAIServer) -> None:
 
     @app.get("/health")
     async def health():
-        if not server.engine.healthy:
+        if not server.thread.healthy:
             return JSONResponse(error_body("the engine is not running or its steps keep failing", 503),
                                 status_code=503)
         return Response(status_code=200)
@@ -198,7 +201,7 @@ def _add_routes(app: FastAPI, server: OpenAIServer) -> None:
 
     @app.get("/metrics")
     async def metrics():
-        state = await server.engine.call(snapshot, server.engine.engine, server.service)
+        state = await server.thread.call(snapshot, server.engine, server.service)
         return Response(server.metrics.render(state), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -36,9 +36,7 @@ class EngineThread:
         self._consumers: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, object]] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
-        # Published by the thread after each step, read by handlers without a round trip.
-        self.num_waiting = 0
-        self.num_running = 0
+        self.num_waiting = 0  # published after each step: handlers read it without a round trip
         self.failed_steps = 0  # in a row
 
     def start(self) -> None:
@@ -91,7 +89,15 @@ class EngineThread:
             raise
         return outputs
 
-    def _abort_all(self, request_ids: list[str]) -> None:
+    def release(self, request_ids: list[str], unfinished: set[str]) -> None:
+        """Stop delivering these requests' outputs; abort the unfinished ones (at the next step
+        boundary; a no-op once the thread is stopping, which aborts everything itself)."""
+        for request_id in request_ids:
+            self._consumers.pop(request_id, None)
+        if unfinished and not self._stopping and self.alive:
+            self.post(self._abort, list(unfinished))
+
+    def _abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             self.engine.abort(request_id)
 
@@ -139,7 +145,6 @@ class EngineThread:
                                                    f"last with {type(exc).__name__}: {exc}"))
         finally:
             self.num_waiting = self.engine.batcher.num_waiting
-            self.num_running = len(self.engine.running)
 
     def _route(self, outputs: list[RequestOutput]) -> None:
         """A step's outputs to their consumers, one hand-over per event loop (under the step's
@@ -226,7 +231,4 @@ class Outputs:
         if self.closed:
             return
         self.closed = True
-        for request_id in self.ids:
-            self.thread._consumers.pop(request_id, None)
-        if self.unfinished and not self.thread._stopping and self.thread.alive:
-            self.thread.post(self.thread._abort_all, list(self.unfinished))
+        self.thread.release(self.ids, self.unfinished)

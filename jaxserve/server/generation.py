@@ -172,7 +172,7 @@ async def submit(server, job: Job):
     """The job's requests into the engine (all or none), past the waiting-queue limit."""
     server.admit(len(job.requests))
     try:
-        return await server.engine.submit(job.requests)
+        return await server.thread.submit(job.requests)
     except ValueError as e:
         raise bad_value(e) from None
     finally:
