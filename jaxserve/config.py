@@ -98,6 +98,9 @@ class ModelConfig:
         }[module]
 
 
+ADAPTER_MEMORY = ("unified", "separate", "padded")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Everything an Engine needs; LLM(**kwargs) builds one. See README for each knob."""
@@ -107,6 +110,12 @@ class EngineConfig:
     max_loras: int = 32                 # distinct adapters in ONE batch (reserves no memory)
     max_lora_rank: int = 16
     lora_modules: tuple[str, ...] = LORA_MODULES  # modules adapters may adapt (fixed: bounds compiles)
+    # Where adapters live: "unified" (S-LoRA: one pool for KV and adapters); the baselines
+    # "separate" (a region of adapter_region_pages beside the KV pages, adapters paged at their
+    # own ranks: S-LoRA's no-unify-mem ablation) and "padded" (vLLM's fixed slots: that region
+    # holds max_loras slots, every adapter stored and computed at max_lora_rank on every module).
+    adapter_memory: str = "unified"
+    adapter_region_pages: int | None = None  # default: max_loras slots of the largest adapter
     seed: int = 0
     page_size: int = 16
     max_num_seqs: int = 128             # measured on the 2-core CPU: see README (defaults)
@@ -168,6 +177,11 @@ class EngineConfig:
         if not isinstance(self.scheduler, Scheduler) and self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={self.scheduler!r} is invalid; allowed: {', '.join(SCHEDULERS)} or a "
                              f"Scheduler object")
+        if self.adapter_memory not in ADAPTER_MEMORY:
+            raise ValueError(f"adapter_memory={self.adapter_memory!r} is invalid; allowed: {', '.join(ADAPTER_MEMORY)}")
+        region = self.adapter_region_pages
+        if region is not None and not (isinstance(region, int) and not isinstance(region, bool) and region >= 1):
+            raise ValueError(f"adapter_region_pages={region!r} is invalid; allowed: None or an integer >= 1")
         if self.scheduler_options is not None and not isinstance(self.scheduler_options, dict):
             raise ValueError(f"scheduler_options={self.scheduler_options!r} is invalid; allowed: None or a dict")
         for name in ("warmup", "async_overlap"):

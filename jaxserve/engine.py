@@ -23,12 +23,12 @@ from typing import AsyncIterator, Callable, Iterator
 from jaxserve.batching import BatchScheduler
 from jaxserve.config import EngineConfig
 from jaxserve.intake import NewAdapters, RequestIntake
-from jaxserve.loading import load_model, pool_pages
+from jaxserve.loading import adapter_region, load_model, pool_pages
 from jaxserve.lora.request import LoRARequest
 from jaxserve.lora.store import AdapterStore
 from jaxserve.memory.device_pool import DevicePool
 from jaxserve.memory.kv_manager import KVManager
-from jaxserve.memory.pool import PagePool
+from jaxserve.memory.pool import KV, PagePool
 from jaxserve.output_processor import append_tokens, maybe_request_output, request_output
 from jaxserve.outputs import RequestOutput
 from jaxserve.pallas.ops import check_backend
@@ -66,13 +66,14 @@ class Engine:
         self.model_config, self.tokenizer, self.max_model_len, self.dtype = (
             model.config, model.tokenizer, model.max_model_len, model.dtype)
         cfg, num_pages = model.config, pool_pages(config, model)
-        self.pool = PagePool(num_pages, config.page_size)
+        self.pool = PagePool(num_pages, config.page_size, adapter_pages=adapter_region(config, model, num_pages))
         self.device_pool = DevicePool(cfg.num_layers, num_pages, config.page_size, cfg.kv_size, self.dtype)
-        logger.info("unified pool: %d pages of %d tokens = %.1f MiB (%d tokens of KV if no adapter)",
-                    num_pages, config.page_size, self.device_pool.nbytes / 2**20, num_pages * config.page_size)
+        logger.info("%s pool: %d pages of %d tokens = %.1f MiB (%d tokens of KV if no adapter)",
+                    config.adapter_memory, num_pages, config.page_size, self.device_pool.nbytes / 2**20,
+                    self.pool.capacity(KV) * config.page_size)
         self.adapters = AdapterStore(cfg, self.pool, self.device_pool, config.max_lora_rank, self.dtype,
-                                     config.lora_modules)
-        self.kv = KVManager(self.pool, self.adapters, watermark_pages=max(1, num_pages // 100),
+                                     config.lora_modules, padded=config.adapter_memory == "padded")
+        self.kv = KVManager(self.pool, self.adapters, watermark_pages=max(1, self.pool.capacity(KV) // 100),
                             max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.pool.pages_for(self.max_model_len),
                             max_loras=config.max_loras)
         self.runner = ModelRunner(cfg, model.params, self.device_pool, self.adapters, self.kv.slots,

@@ -15,7 +15,7 @@ from jaxserve.detokenizer import IncrementalDetokenizer
 from jaxserve.lora.peft import PeftAdapter, load_peft_adapter
 from jaxserve.lora.request import LoRARequest
 from jaxserve.lora.store import AdapterStore
-from jaxserve.memory.pool import PagePool
+from jaxserve.memory.pool import KV, PagePool
 from jaxserve.outputs import RequestMetrics
 from jaxserve.sampling import SamplingParams
 from jaxserve.sequence import Sequence
@@ -73,12 +73,17 @@ class RequestIntake:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                              f"max_model_len={self.max_model_len}")
         pages = self.pool.pages_for(len(ids) + max_tokens)
+        adapter_pages = 0
         if lora_request is not None:
             new = (new_adapters or {}).get(lora_request.lora_name)
-            pages += new[2] if new else self.adapters.pages_of(lora_request.lora_name)
-        if pages > self.pool.num_pages:
+            adapter_pages = new[2] if new else self.adapters.pages_of(lora_request.lora_name)
+        if self.pool.unified:
+            pages, room = pages + adapter_pages, self.pool.num_pages  # (adapters' own limit: AdapterStore.check)
+        else:
+            room = self.pool.capacity(KV)
+        if pages > room:
             raise ValueError(f"prompt + max_tokens (and its adapter) need {pages} pages; the pool has "
-                             f"{self.pool.num_pages}: this request could never run")
+                             f"{room}: this request could never run")
         if client is not None and (not isinstance(client, str) or not client):
             raise ValueError(f"client={client!r} is invalid; allowed: None or a non-empty string")
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(0, 2**63))

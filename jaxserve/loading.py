@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.lora.layout import slot_pages
 from jaxserve.memory.pool import page_bytes
-from jaxserve.model import weights
+from jaxserve.model import random_weights, weights
 from jaxserve.tokenizer import Tokenizer
 
 CPU_POOL_BYTES_CAP = 1 << 30
@@ -35,9 +36,13 @@ def resolve_dtype(dtype: str):
 
 def load_model(config: EngineConfig) -> LoadedModel:
     dtype = resolve_dtype(config.dtype)
-    path = weights.resolve_model(config.model)
     max_model_len = config.max_model_len
-    if path.suffix == ".gguf":
+    path = None if random_weights.is_random(config.model) else weights.resolve_model(config.model)
+    if path is None:
+        cfg = ModelConfig.from_hf(random_weights.random_config(config.model))
+        params = weights.hf_to_params(cfg, random_weights.RandomTensors(cfg, dtype, config.seed), dtype)
+        tokenizer = None
+    elif path.suffix == ".gguf":
         hf_config, params, gguf = weights.load_gguf_params(path)
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
         cfg = ModelConfig.from_hf(hf_config)
@@ -80,3 +85,19 @@ def pool_pages(config: EngineConfig, model: LoadedModel) -> int:
         raise ValueError(f"pool_bytes={pool_bytes!r} is invalid; allowed: at least one page ({per_page} bytes "
                          f"for this model and page_size)")
     return pool_bytes // per_page
+
+
+def adapter_region(config: EngineConfig, model: LoadedModel, num_pages: int) -> int | None:
+    """Pages set apart for adapters: None for the unified pool; for the separate-memory baselines
+    adapter_region_pages, by default max_loras slots of the largest adapter (vLLM's sizing)."""
+    if config.adapter_memory == "unified":
+        return None
+    slot = slot_pages(model.config, config.max_lora_rank, config.lora_modules, config.page_size)
+    region = config.adapter_region_pages or config.max_loras * slot
+    if region >= num_pages:
+        source = ("adapter_region_pages" if config.adapter_region_pages
+                  else f"max_loras={config.max_loras} slots of {slot} pages")
+        raise ValueError(f"adapter_memory={config.adapter_memory!r} sets {region} pages apart for adapters "
+                         f"({source}) but the pool has {num_pages}; allowed: fewer than the pool's pages (a "
+                         f"larger pool, fewer max_loras or a smaller adapter_region_pages)")
+    return region

@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from jaxserve.config import LORA_MODULES, ModelConfig
-from jaxserve.lora.peft import PeftAdapter
+from jaxserve.lora.peft import LoRAWeights, PeftAdapter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,30 @@ def plan_layout(adapter: PeftAdapter, cfg: ModelConfig, page_size: int) -> Adapt
         modules[module] = ModuleRows(rank, a_offset, row)
         row += rank * chunks(fan_out, row_width)
     return AdapterLayout(modules, row, max(1, -(-row // (2 * page_size))))
+
+
+def slot_pages(cfg: ModelConfig, max_rank: int, modules, page_size: int) -> int:
+    """Pages of the largest adapter an engine accepts (max_rank on every module): the size of one
+    of vLLM's fixed adapter slots."""
+    rows = sum(max_rank * (chunks(i, cfg.kv_size) + chunks(o, cfg.kv_size))
+               for i, o in (cfg.module_shape(m) for m in modules))
+    return max(1, -(-rows // (2 * page_size)))
+
+
+def padded_to_rank(adapter: PeftAdapter, rank: int, modules, cfg: ModelConfig) -> PeftAdapter:
+    """The same adapter with every module of `modules` in every layer at `rank`, zero rank-rows
+    added (a module it does not adapt is all zeros): the padded-slot baseline's form, whose
+    memory and LoRA compute are the largest rank's whatever the adapter's own."""
+    weights = {}
+    for layer in range(cfg.num_layers):
+        for module in modules:
+            fan_in, fan_out = cfg.module_shape(module)
+            a, b = np.zeros((rank, fan_in), np.float32), np.zeros((rank, fan_out), np.float32)
+            own = adapter.weights.get((layer, module))
+            if own is not None:
+                a[:own.rank], b[:own.rank] = own.a, own.b
+            weights[layer, module] = LoRAWeights(a, b, own.scaling if own is not None else 1.0)
+    return PeftAdapter(adapter.path, weights, rank, tuple(modules), sum(w.a.nbytes + w.b.nbytes for w in weights.values()))
 
 
 def pack_rows(adapter: PeftAdapter, layout: AdapterLayout, cfg: ModelConfig, page_size: int,

@@ -17,8 +17,8 @@ from collections import OrderedDict
 import numpy as np
 
 from jaxserve.config import LORA_MODULES, ModelConfig
-from jaxserve.lora.layout import (AdapterLayout, chunks, local_rows, pack_rows, plan_layout, pool_rows,
-                                  table_layout)
+from jaxserve.lora.layout import (AdapterLayout, local_rows, pack_rows, padded_to_rank, plan_layout, pool_rows,
+                                  slot_pages, table_layout)
 from jaxserve.lora.peft import PeftAdapter
 from jaxserve.lora.request import LoRARequest
 from jaxserve.memory.device_pool import DevicePool
@@ -39,9 +39,12 @@ class StoredAdapter:
 
 class AdapterStore:
     def __init__(self, cfg: ModelConfig, pool: PagePool, device: DevicePool, max_lora_rank: int, dtype,
-                 modules: tuple[str, ...] = LORA_MODULES):
+                 modules: tuple[str, ...] = LORA_MODULES, padded: bool = False):
         self.cfg, self.pool, self.device = cfg, pool, device
         self.max_lora_rank, self.dtype, self.modules = max_lora_rank, dtype, modules
+        # The padded-slot baseline (EngineConfig.adapter_memory="padded"): every adapter stored and
+        # computed at max_lora_rank on every module, as fixed slots hold them.
+        self.padded = padded
         self.tables = table_layout(cfg, max_lora_rank, modules)
         self._adapters: dict[str, StoredAdapter] = {}
         # Resident adapters with refcount 0, LRU first, -> their page count; and the pages' total,
@@ -63,17 +66,22 @@ class AdapterStore:
         if outside:
             raise ValueError(f"LoRA {request.lora_name!r} adapts {', '.join(outside)}; allowed (the engine's "
                              f"lora_modules): {', '.join(self.modules)}")
-        layout = plan_layout(adapter, self.cfg, self.pool.page_size)
-        if layout.num_pages > self.pool.num_pages:
+        layout = plan_layout(self._stored_form(adapter), self.cfg, self.pool.page_size)
+        if layout.num_pages > self.pool.capacity(ADAPTER):
             # Never fits, whatever is freed: bad input (ValueError, as a request larger than the
             # pool is), not a PoolFull to wait on.
-            raise ValueError(f"LoRA {request.lora_name!r} needs {layout.num_pages} pages; allowed: at most the "
-                             f"whole pool, {self.pool.num_pages} pages (a larger pool_bytes / num_pool_pages, or "
+            room = "the whole pool" if self.pool.unified else "the adapters' region"
+            raise ValueError(f"LoRA {request.lora_name!r} needs {layout.num_pages} pages; allowed: at most {room}, "
+                             f"{self.pool.capacity(ADAPTER)} pages (a larger pool_bytes / num_pool_pages, or "
                              f"a lower rank)")
         return layout
 
+    def _stored_form(self, adapter: PeftAdapter) -> PeftAdapter:
+        return padded_to_rank(adapter, self.max_lora_rank, self.modules, self.cfg) if self.padded else adapter
+
     def register(self, request: LoRARequest, adapter: PeftAdapter) -> None:
         layout = self.check(request, adapter)
+        adapter = self._stored_form(adapter)
         rows = pack_rows(adapter, layout, self.cfg, self.pool.page_size, self.dtype)
         local, ranks = local_rows(layout, self.tables, self.cfg)
         self._adapters[request.lora_name] = StoredAdapter(request, layout, rows, local, ranks)
@@ -107,9 +115,8 @@ class AdapterStore:
 
     def max_adapter_pages(self) -> int:
         """Pages of the largest adapter this store accepts: max_lora_rank on every module."""
-        rows = sum(self.max_lora_rank * (chunks(i, self.cfg.kv_size) + chunks(o, self.cfg.kv_size))
-                   for i, o in (self.cfg.module_shape(m) for m in self.modules))
-        return min(self.pool.num_pages, -(-rows // (2 * self.pool.page_size)))
+        return min(self.pool.capacity(ADAPTER), slot_pages(self.cfg, self.max_lora_rank, self.modules,
+                                                           self.pool.page_size))
 
     def pages_of(self, name: str) -> int:
         return self._get(name).layout.num_pages
@@ -126,12 +133,12 @@ class AdapterStore:
         """Evict unpinned adapters but `keep` (about to be used), least recently used first, until
         num_pages are free."""
         for name in list(self._unpinned):
-            if self.pool.num_free >= num_pages:
+            if self.pool.free_for(ADAPTER) >= num_pages:
                 break
             if name != keep:
                 self._evict(name)
-        if self.pool.num_free < num_pages:
-            raise PoolFull(f"{num_pages} pages needed; {self.pool.num_free} free and the rest hold KV "
+        if self.pool.free_for(ADAPTER) < num_pages:
+            raise PoolFull(f"{num_pages} pages needed; {self.pool.free_for(ADAPTER)} free and the rest hold KV "
                            f"caches or adapters in use")
 
     def acquire(self, name: str) -> None:
@@ -154,7 +161,7 @@ class AdapterStore:
     def prefetch(self, name: str) -> bool:
         """Load into pages that are free anyway (never evicts); True if now resident."""
         stored = self._get(name)
-        if stored.pages is None and stored.layout.num_pages <= self.pool.num_free:
+        if stored.pages is None and stored.layout.num_pages <= self.pool.free_for(ADAPTER):
             self._load(name)
             self._join_eviction_list(name)
         return stored.pages is not None

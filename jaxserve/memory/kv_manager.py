@@ -14,7 +14,7 @@ from __future__ import annotations
 
 
 from jaxserve.lora.store import AdapterStore
-from jaxserve.memory.pool import KV, PagePool
+from jaxserve.memory.pool import ADAPTER, KV, PagePool
 from jaxserve.memory.slots import SlotTable
 from jaxserve.sequence import Sequence
 
@@ -26,25 +26,36 @@ class KVManager:
         self.slots = SlotTable(max_num_seqs, max_pages_per_seq)  # written here only; the runner reads it
         self.running_loras: dict[str, int] = {}  # adapter -> running sequences using it
 
-    def _available(self, keep: str | None) -> int:
-        return self.pool.num_free + self.adapters.reclaimable_pages(keep=keep)
+    def _fits(self, kv_pages: int, adapter_pages: int, keep: str | None, reserve: int = 0) -> bool:
+        """Whether the pages could be had now, evicting unused adapters but `keep` if need be."""
+        reclaimable = self.adapters.reclaimable_pages(keep=keep)
+        if self.pool.unified:
+            return kv_pages + adapter_pages + reserve <= self.pool.num_free + reclaimable
+        # Separate regions: evicting adapters frees no KV page.
+        return (kv_pages + reserve <= self.pool.free_for(KV)
+                and adapter_pages <= self.pool.free_for(ADAPTER) + reclaimable)
 
-    def admission_pages(self, seq: Sequence) -> int:
+    def _make_room(self, kv_pages: int, adapter_pages: int, keep: str | None = None) -> None:
+        """Evict unused adapters until the pages are free (KV pages count where they share pages)."""
+        self.adapters.make_room(adapter_pages + (kv_pages if self.pool.unified else 0), keep=keep)
+
+    def admission_pages(self, seq: Sequence) -> tuple[int, int]:
+        """(KV pages, adapter pages to load) the sequence needs to be admitted now."""
         name = seq.lora_name
-        return self.pool.pages_for(seq.num_tokens) + (self.adapters.pages_to_load(name) if name else 0)
+        return self.pool.pages_for(seq.num_tokens), (self.adapters.pages_to_load(name) if name else 0)
 
     def can_admit(self, seq: Sequence, running: int) -> bool:
         name = seq.lora_name
         if name and name not in self.running_loras and len(self.running_loras) >= self.max_loras:
             return False  # max_loras adapters already serve running sequences
         reserve = self.watermark if running else 0  # alone, a request may use every page
-        return self.admission_pages(seq) + reserve <= self._available(seq.lora_name)
+        return self._fits(*self.admission_pages(seq), keep=name, reserve=reserve)
 
     def admit(self, seq: Sequence) -> None:
         if not self.slots.num_free:  # (the engine admits at most max_num_seqs; a custom policy might not)
             raise RuntimeError(f"no free slot for {seq.request_id!r}: {len(self.slots)} sequences already run")
         name = seq.lora_name
-        self.adapters.make_room(self.admission_pages(seq), keep=name)
+        self._make_room(*self.admission_pages(seq), keep=name)
         if name:
             self.adapters.acquire(name)
         try:
@@ -64,9 +75,9 @@ class KVManager:
         need = self.pool.pages_for(num_tokens) - len(seq.page_table)
         if need <= 0:
             return True
-        if need > self._available(None):
+        if not self._fits(need, 0, keep=None):
             return False
-        self.adapters.make_room(need)
+        self._make_room(need, 0)
         have = len(seq.page_table)
         seq.page_table.extend(self.pool.allocate(need, KV, seq.request_id))
         self.slots.set_pages(seq.slot, seq.page_table, have)

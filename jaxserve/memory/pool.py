@@ -4,6 +4,10 @@ handed to two kinds of owner — a sequence's KV cache and an adapter's weights.
 The device side is one array [L, 2, num_pages, page_size, row_width] (memory/device_pool.py):
 page p is the same page in every layer, so one page id serves a sequence's KV for all layers or a
 slice of an adapter for all layers. This class only accounts; it never touches the device.
+
+`adapter_pages=N` splits the pool into two regions, adapters only in pages [0, N) and KV in the
+rest: the separate-memory designs S-LoRA's ablation and vLLM's fixed slots stand for, kept only
+as benchmark baselines (EngineConfig.adapter_memory).
 """
 from __future__ import annotations
 
@@ -22,18 +26,37 @@ def page_bytes(num_layers: int, page_size: int, row_width: int, dtype) -> int:
 
 
 class PagePool:
-    def __init__(self, num_pages: int, page_size: int):
+    def __init__(self, num_pages: int, page_size: int, adapter_pages: int | None = None):
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"a pool needs >= 1 page of >= 1 row; got {num_pages} pages of {page_size}")
+        if adapter_pages is not None and not 1 <= adapter_pages < num_pages:
+            raise ValueError(f"adapter_pages={adapter_pages} is invalid; allowed: None (one unified pool) or 1 to "
+                             f"{num_pages - 1} (a region of the {num_pages} pages, the rest for KV)")
         self.num_pages, self.page_size = num_pages, page_size
-        # Pop from the end: low page ids are handed out first, which keeps tests readable.
-        self._free = list(range(num_pages - 1, -1, -1))
+        self.unified = adapter_pages is None
+        # Each kind's region -> its free list; both kinds share one list when unified. Pop from
+        # the end: low page ids are handed out first, which keeps tests readable.
+        if self.unified:
+            shared = list(range(num_pages - 1, -1, -1))
+            self._free = {KV: shared, ADAPTER: shared}
+        else:
+            self._free = {ADAPTER: list(range(adapter_pages - 1, -1, -1)),
+                          KV: list(range(num_pages - 1, adapter_pages - 1, -1))}
+        self._capacity = {KV: num_pages - (adapter_pages or 0), ADAPTER: adapter_pages or num_pages}
         self._owner: list[tuple[str, object] | None] = [None] * num_pages
         self._used = {KV: 0, ADAPTER: 0}
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free[KV]) + (0 if self.unified else len(self._free[ADAPTER]))
+
+    def free_for(self, kind: str) -> int:
+        """Free pages that `kind` may take (all free pages when unified)."""
+        return len(self._free[kind])
+
+    def capacity(self, kind: str) -> int:
+        """Pages `kind` could ever hold (the whole pool when unified)."""
+        return self._capacity[kind]
 
     def num_used(self, kind: str) -> int:
         return self._used[kind]
@@ -45,11 +68,12 @@ class PagePool:
         return self._owner[page]
 
     def allocate(self, num_pages: int, kind: str, owner) -> list[int]:
-        if num_pages > len(self._free):
-            raise PoolFull(f"asked for {num_pages} pages for {kind} {owner!r}; {len(self._free)} of "
-                           f"{self.num_pages} are free")
-        taken = self._free[len(self._free) - num_pages:][::-1]
-        del self._free[len(self._free) - num_pages:]
+        free = self._free[kind]
+        if num_pages > len(free):
+            raise PoolFull(f"asked for {num_pages} pages for {kind} {owner!r}; {len(free)} of "
+                           f"{self._capacity[kind]} are free")
+        taken = free[len(free) - num_pages:][::-1]
+        del free[len(free) - num_pages:]
         for page in taken:
             self._owner[page] = (kind, owner)
         self._used[kind] += num_pages
@@ -62,7 +86,7 @@ class PagePool:
         for page in pages:
             self._owner[page] = None
         self._used[kind] -= len(pages)
-        self._free.extend(reversed(pages))
+        self._free[kind].extend(reversed(pages))
 
     def stats(self) -> dict[str, int]:
         return {"pages_total": self.num_pages, "pages_free": self.num_free,

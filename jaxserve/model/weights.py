@@ -60,6 +60,15 @@ def resolve_model(model: str | os.PathLike) -> Path:
         f"config.json, or a .gguf file (no hub downloads: pass a local path)")
 
 
+def model_hf_config(model: str) -> dict:
+    """The HF-style config dict of a model argument (an alias, a path or `random:...`), without
+    reading weights."""
+    from jaxserve.model import random_weights
+    if random_weights.is_random(model):
+        return random_weights.random_config(model)
+    return read_config(resolve_model(model))
+
+
 def read_config(path: Path) -> dict:
     """The HF-style config dict of a resolved model path, without reading weights."""
     if path.suffix == ".gguf":
