@@ -92,3 +92,40 @@ def test_bench_serve_prints_vllms_block_and_writes_json(tmp_path, capsys):
 def test_bench_serve_refuses_a_bad_range(capsys):
     assert main(["bench", "serve", "--preset", "tiny", "--input-len", "9:3"]) == 2
     assert "'9:3' is invalid; allowed: LO:HI with 1 <= LO < HI" in capsys.readouterr().err
+
+
+def test_bench_serve_compares_the_baselines_on_the_same_trace(tmp_path, capsys, monkeypatch):
+    """Every baseline serves the same trace to the same tokens (greedy); only memory differs: with
+    max_loras 3, padded slots hold 3 adapters (so the trace's others evict them) while the same
+    region holds every adapter at its own rank; merged switches once per adapter at least."""
+    monkeypatch.delenv("JAXSERVE_HF_PYTHON", raising=False)
+    path = tmp_path / "result.json"
+    assert main(["bench", "serve", "--preset", "tiny", "--num-adapters", "8", "--request-rate", "12", "--duration",
+                 "2", "--max-loras", "3", "--compare", "padded,separate-memory,merged,hf-peft", "--save-result",
+                 str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "hf-peft SKIPPED: no --hf-python (or JAXSERVE_HF_PYTHON) given" in out
+    systems = json.loads(path.read_text())["systems"]
+    assert list(systems) == ["jaxserve", "padded", "separate-memory", "merged"]
+    trace = slora_trace(8, 1.0, 12.0, 1.0, 2.0, (4, 24), (4, 24), seed=42)
+    used = len({r.adapter for r in trace})
+    for name, r in systems.items():
+        assert r["completed"] == len(trace) and r["same_tokens"] == 1.0, name
+        assert r["total_output_tokens"] == sum(t.output_len for t in trace), name
+    padded, separate = systems["padded"], systems["separate-memory"]
+    assert padded["adapter_region_pages"] == separate["adapter_region_pages"] == 3 * padded["slot_pages"]
+    assert padded["peak_pages"]["adapter"] % padded["slot_pages"] == 0
+    assert padded["adapter_evictions"] >= used - 3 > 0
+    if used * systems["jaxserve"]["mean_adapter_pages"] <= separate["adapter_region_pages"]:
+        assert separate["adapter_evictions"] == 0 and separate["adapter_loads"] == used
+    assert systems["merged"]["adapter_loads"] == 0 and systems["merged"]["merges"] >= used
+    region, slot = padded["adapter_region_pages"], padded["slot_pages"]
+    assert f"Adapter capacity in {region} pages: paged" in out and f"vs padded slots 3 ({slot} pages each)" in out
+    for name in systems:
+        assert any(line.startswith(f"{name} ") and line.endswith("x") for line in out.splitlines()), name
+
+
+def test_bench_serve_refuses_an_unknown_baseline(capsys):
+    assert main(["bench", "serve", "--preset", "tiny", "--compare", "padded,vllm"]) == 2
+    assert "'padded,vllm' is invalid; allowed: distinct names among padded, separate-memory, merged, hf-peft" in \
+        capsys.readouterr().err
