@@ -139,9 +139,11 @@ class MergedDispatch:
             self.engine.add_request(rid, {"prompt_token_ids": prompt}, params, None, client=request.client)
 
 
-def run_trace(engine, trace, prompts, dispatch, progress=None) -> tuple[list[Timeline], float, dict]:
+def run_trace(engine, trace, prompts, dispatch, progress=None, time_limit: float | None = None
+              ) -> tuple[list[Timeline], float, dict]:
     """Replay the trace on the wall clock; returns the timelines, the duration (first arrival to
-    last finish) and the pool's peak pages by kind."""
+    last finish) and the pool's peak pages by kind. Past time_limit seconds, what is unfinished is
+    aborted (it counts as failed) and requests not yet arrived are not sent."""
     from jaxserve import SamplingParams
     timelines: dict[str, Timeline] = {}
     peak = {"kv": 0, "adapter": 0}
@@ -149,6 +151,9 @@ def run_trace(engine, trace, prompts, dispatch, progress=None) -> tuple[list[Tim
     next_arrival = 0
     while next_arrival < len(trace) or dispatch.pending() or engine.has_unfinished_requests():
         now = time.perf_counter() - start
+        if time_limit is not None and now > time_limit:
+            engine.abort_all()
+            break
         while next_arrival < len(trace) and trace[next_arrival].arrival <= now:
             r = trace[next_arrival]
             rid = f"r{next_arrival}"
@@ -158,7 +163,7 @@ def run_trace(engine, trace, prompts, dispatch, progress=None) -> tuple[list[Tim
             next_arrival += 1
         dispatch.before_step()
         if not engine.has_unfinished_requests():
-            time.sleep(max(0.0, trace[next_arrival].arrival - now))
+            time.sleep(max(0.0, min(trace[next_arrival].arrival, time_limit or float("inf")) - now))
             continue
         outputs = engine.step()
         now = time.perf_counter() - start
@@ -249,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--scheduler", default="fcfs", choices=sorted(SCHEDULERS))
     p.add_argument("--tenants", type=int, default=1, help="adapter k belongs to tenant k %% tenants")
+    p.add_argument("--time-limit", type=float, help="seconds of wall clock per system; then the rest is aborted "
+                   "(counted as failed) and throughput is what finished by then")
     p.add_argument("--slo-ttft", type=float, default=6.0, help="seconds (S-LoRA: 6)")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--num-pool-pages", type=int, default=None)
@@ -293,7 +300,8 @@ def run_engine_system(system: str, engine_kwargs: dict, trace, prompts, adapters
         for request in adapters.values():
             engine.add_lora(request)
         dispatch = DirectDispatch(engine, adapters)
-    timelines, duration, peak = run_trace(engine, trace, prompts, dispatch, progress_bar(args, system, len(trace)))
+    timelines, duration, peak = run_trace(engine, trace, prompts, dispatch, progress_bar(args, system, len(trace)),
+                                          args.time_limit)
     result = summarize(timelines, duration, args.slo_ttft)
     metrics = engine.adapters.metrics()
     paged = [engine.adapters.pages_of(name) for name in adapters] if system != "merged" else []

@@ -59,7 +59,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-BENCHMARKS = ("adapters", "compile", "engine", "kernels", "serve", "serving_http", "throughput")
+BENCHMARKS = ("adapters", "compile", "engine", "gpu", "kernels", "serve", "serving_http", "throughput")
 
 
 def cmd_bench(args) -> int:
