@@ -317,7 +317,7 @@ def run_hf_system(args, model: str, trace, prompts, adapters: dict, tmp: Path) -
     """The HF transformers + PEFT peer (benchmarks/hf_serve_peer.py, run by --hf-python) on the
     same trace; (None, None) with a message when it cannot run."""
     sys.path.insert(0, str(HERE))
-    from throughput import HF_INSTALL, check_hf_python
+    from throughput import HF_INSTALL, PEER_FLAGS, check_hf_python
 
     from jaxserve.model.weights import resolve_model
     why = check_hf_python(args.hf_python)
@@ -335,7 +335,7 @@ def run_hf_system(args, model: str, trace, prompts, adapters: dict, tmp: Path) -
            "max_batch": args.hf_max_batch, "threads": None}
     job_path, out_path = tmp / "hf_job.json", tmp / "hf_out.json"
     job_path.write_text(json.dumps(job))
-    proc = subprocess.run([args.hf_python, str(HERE / "hf_serve_peer.py"), str(job_path), str(out_path)],
+    proc = subprocess.run([args.hf_python, *PEER_FLAGS, str(HERE / "hf_serve_peer.py"), str(job_path), str(out_path)],
                           stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         print(f"hf-peft FAILED (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -45,6 +45,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 SYSTEMS = ("no-adapter", "minimal-jax", "hf-peft")
 HF_INSTALL = "pip install torch==2.13.0 transformers peft gguf  (in a separate venv, the CPU build of torch)"
+# Peers run isolated (-I): with the script's folder on sys.path, benchmarks/kernels.py would
+# shadow the hub package `kernels` that transformers >= 5 imports.
+PEER_FLAGS = ["-I"]
 
 
 def make_adapters(folder: Path, cfg, count: int, ranks: list[int], seed: int) -> list[Path]:
@@ -96,7 +99,7 @@ def check_hf_python(python: str | None) -> str | None:
 def run_hf(python: str, job: dict, tmp: Path) -> dict | None:
     job_path, out_path = tmp / "hf_job.json", tmp / "hf_out.json"
     job_path.write_text(json.dumps(job))
-    proc = subprocess.run([python, str(HERE / "hf_peer.py"), str(job_path), str(out_path)],
+    proc = subprocess.run([python, *PEER_FLAGS, str(HERE / "hf_peer.py"), str(job_path), str(out_path)],
                           stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         print(f"hf-peft FAILED (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
