@@ -9,7 +9,8 @@ import time
 # Engine knobs the CLI exposes, generated from EngineConfig (same names, types and defaults, so
 # they cannot drift from the Python API's); tests/test_cli.py checks them field by field.
 ENGINE_FLAGS = ("dtype", "max_model_len", "max_lora_rank", "max_loras", "seed", "page_size", "max_num_seqs",
-                "max_num_batched_tokens", "pool_bytes", "gpu_memory_utilization", "num_pool_pages", "kernels")
+                "max_num_batched_tokens", "pool_bytes", "gpu_memory_utilization", "num_pool_pages", "kernels",
+                "tensor_parallel_size")
 _FLAG_TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -59,7 +60,8 @@ def cmd_generate(args) -> int:
     return 0
 
 
-BENCHMARKS = ("adapters", "compile", "engine", "gpu", "kernels", "serve", "serving_http", "throughput")
+BENCHMARKS = ("adapters", "compile", "engine", "gpu", "kernels", "serve", "serving_http", "tensor_parallel",
+              "throughput")
 
 
 def cmd_bench(args) -> int:

@@ -124,6 +124,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     num_pool_pages: int | None = None
     kernels: str = "xla"                 # kernel backend (jaxserve/pallas/ops.py)
+    tensor_parallel_size: int = 1       # devices the model is split over (jaxserve/distributed/)
     scheduler: object = "fcfs"          # a name in jaxserve.sched.SCHEDULERS, or a Scheduler object
     scheduler_options: dict | None = None  # e.g. {"weights": {"alice": 2}} for "vtc", {"rpm": 20} for "rpm"
     # Compile every batch shape at start-up (JAXSERVE_WARMUP=0 makes the default False: shapes
@@ -132,7 +133,8 @@ class EngineConfig:
     async_overlap: bool = True          # dispatch step N+1 before reading step N's tokens
 
     def __post_init__(self):
-        for name in ("max_loras", "max_lora_rank", "page_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_loras", "max_lora_rank", "page_size", "max_num_seqs", "max_num_batched_tokens",
+                     "tensor_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= 1")

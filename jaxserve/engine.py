@@ -22,6 +22,7 @@ from typing import AsyncIterator, Callable, Iterator
 
 from jaxserve.batching import BatchScheduler
 from jaxserve.config import EngineConfig
+from jaxserve.distributed.tensor_parallel import POOL_SPEC
 from jaxserve.intake import NewAdapters, RequestIntake
 from jaxserve.loading import adapter_region, load_model, pool_pages
 from jaxserve.lora.request import LoRARequest
@@ -65,9 +66,11 @@ class Engine:
         model = load_model(config)
         self.model_config, self.tokenizer, self.max_model_len, self.dtype = (
             model.config, model.tokenizer, model.max_model_len, model.dtype)
-        cfg, num_pages = model.config, pool_pages(config, model)
+        cfg, params, tp = model.config, model.params, model.tp
+        num_pages = pool_pages(config, model, tp and tp.local_cfg.kv_size)
         self.pool = PagePool(num_pages, config.page_size, adapter_pages=adapter_region(config, model, num_pages))
-        self.device_pool = DevicePool(cfg.num_layers, num_pages, config.page_size, cfg.kv_size, self.dtype)
+        self.device_pool = DevicePool(cfg.num_layers, num_pages, config.page_size, (tp.cfg if tp else cfg).kv_size,
+                                      self.dtype, sharding=tp and tp.sharding(POOL_SPEC))
         logger.info("%s pool: %d pages of %d tokens = %.1f MiB (%d tokens of KV if no adapter)",
                     config.adapter_memory, num_pages, config.page_size, self.device_pool.nbytes / 2**20,
                     self.pool.capacity(KV) * config.page_size)
@@ -76,15 +79,15 @@ class Engine:
         self.kv = KVManager(self.pool, self.adapters, watermark_pages=max(1, self.pool.capacity(KV) // 100),
                             max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.pool.pages_for(self.max_model_len),
                             max_loras=config.max_loras)
-        self.runner = ModelRunner(cfg, model.params, self.device_pool, self.adapters, self.kv.slots,
+        self.runner = ModelRunner(cfg, params, self.device_pool, self.adapters, self.kv.slots,
                                   max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, max_loras=config.max_loras, kernels=config.kernels)
+                                  max_model_len=self.max_model_len, max_loras=config.max_loras, kernels=config.kernels, tp=tp)
         self.scheduler = (config.scheduler if isinstance(config.scheduler, Scheduler)
                           else make_scheduler(config.scheduler, **(config.scheduler_options or {})))
         self.batcher = BatchScheduler(self.scheduler, self.kv, max_num_seqs=config.max_num_seqs,
                                       max_num_batched_tokens=config.max_num_batched_tokens)
         self.intake = RequestIntake(cfg, self.tokenizer, self.max_model_len, self.pool, self.adapters,
-                                    config.max_lora_rank, config.seed)
+                                    config.max_lora_rank, config.seed, config.tensor_parallel_size)
         self._streams = AsyncStreams(self)
         self._requests: dict[str, Sequence] = {}  # unfinished (or not yet reported) requests by id
         self._aborted: list[Sequence] = []        # ended outside a step's tokens: reported next step

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.distributed.tensor_parallel import TensorParallel
 from jaxserve.lora.layout import slot_pages
 from jaxserve.memory.pool import page_bytes
 from jaxserve.model import random_weights, weights
@@ -20,10 +21,11 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 @dataclasses.dataclass
 class LoadedModel:
     config: ModelConfig
-    params: dict                  # on the device, in the serving dtype
+    params: dict                  # on the device in the serving dtype (split over tp's mesh if any)
     tokenizer: Tokenizer | None
     max_model_len: int
     dtype: object
+    tp: TensorParallel | None = None  # tensor_parallel_size > 1: the mesh and the laid-out config
 
 
 def resolve_dtype(dtype: str):
@@ -35,23 +37,25 @@ def resolve_dtype(dtype: str):
 
 
 def load_model(config: EngineConfig) -> LoadedModel:
+    """Params arrive tensor by tensor; under tensor parallelism each goes straight to its shards."""
     dtype = resolve_dtype(config.dtype)
     max_model_len = config.max_model_len
     path = None if random_weights.is_random(config.model) else weights.resolve_model(config.model)
+    hf_config = (random_weights.random_config(config.model) if path is None else weights.read_config(path))
+    cfg = ModelConfig.from_hf(hf_config)
+    tp = TensorParallel.create(config.tensor_parallel_size, cfg) if config.tensor_parallel_size > 1 else None
+    place = (lambda key, w: tp.place(key, w, cfg)) if tp else None
+    tokenizer = None
     if path is None:
-        cfg = ModelConfig.from_hf(random_weights.random_config(config.model))
-        params = weights.hf_to_params(cfg, random_weights.RandomTensors(cfg, dtype, config.seed), dtype)
-        tokenizer = None
+        params = weights.hf_to_params(cfg, random_weights.RandomTensors(cfg, dtype, config.seed), dtype, place)
     elif path.suffix == ".gguf":
         hf_config, params, gguf = weights.load_gguf_params(path)
-        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-        cfg = ModelConfig.from_hf(hf_config)
+        params = _cast_and_place(params, dtype, place)
         tokenizer = Tokenizer(gguf.tokenizer, gguf.chat_template, gguf.bos_token, gguf.eos_token,
                               cfg.eos_token_ids)
     else:
         hf_config, tensors = weights.read_hf_folder(path)
-        cfg = ModelConfig.from_hf(hf_config)
-        params = weights.hf_to_params(cfg, tensors, dtype)  # streamed: tensor by tensor, cast on the device
+        params = weights.hf_to_params(cfg, tensors, dtype, place)  # streamed: tensor by tensor, cast on the device
         tokenizer = (Tokenizer.from_hf_folder(path, cfg.eos_token_ids)
                      if (path / "tokenizer.json").exists() else None)
         window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
@@ -62,15 +66,34 @@ def load_model(config: EngineConfig) -> LoadedModel:
         max_model_len = min(limit, 2048)
     if max_model_len > limit:
         raise ValueError(f"max_model_len={max_model_len!r} is invalid for this model; allowed: 1..{limit}")
-    return LoadedModel(cfg, params, tokenizer, max_model_len, dtype)
+    return LoadedModel(cfg, params, tokenizer, max_model_len, dtype, tp)
 
 
-def pool_pages(config: EngineConfig, model: LoadedModel) -> int:
+def _cast_and_place(params: dict, dtype, place) -> dict:
+    """A loaded params tree cast to dtype (and placed), one leaf at a time, each source leaf
+    dropped as soon as it is converted."""
+    out = {}
+    for key in list(params):
+        if key == "layers":
+            layers = params.pop("layers")
+            out["layers"] = {name: _convert(name, layers.pop(name), dtype, place) for name in list(layers)}
+        else:
+            out[key] = _convert(key, params.pop(key), dtype, place)
+    return out
+
+
+def _convert(name, w, dtype, place):
+    w = jnp.asarray(w, dtype)
+    return place(name, w) if place else w
+
+
+def pool_pages(config: EngineConfig, model: LoadedModel, row_width: int | None = None) -> int:
     """The unified pool's pages: num_pool_pages if given, else pool_bytes, else
     gpu_memory_utilization of an accelerator's free memory, else (CPU) room for 2 x max_num_seqs
-    sequences of max_model_len tokens, capped at 1 GiB."""
+    sequences of max_model_len tokens, capped at 1 GiB. Bytes are per device: row_width is one
+    device's part of a pool row (under tensor parallelism; default the model's kv_size)."""
     cfg = model.config
-    per_page = page_bytes(cfg.num_layers, config.page_size, cfg.kv_size, model.dtype)
+    per_page = page_bytes(cfg.num_layers, config.page_size, row_width or cfg.kv_size, model.dtype)
     if config.num_pool_pages is not None:
         return config.num_pool_pages
     pool_bytes = config.pool_bytes

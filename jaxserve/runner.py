@@ -24,10 +24,12 @@ from operator import attrgetter
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxserve import runtime
 from jaxserve.batching import Chunk
 from jaxserve.config import ModelConfig
+from jaxserve.distributed.tensor_parallel import AXIS, POOL_SPEC, TensorParallel
 from jaxserve.lora.layout import split_tables
 from jaxserve.lora.store import AdapterStore
 from jaxserve.memory.device_pool import DevicePool
@@ -44,16 +46,29 @@ logger = logging.getLogger("jaxserve")
 STEP = COLUMN["step"]  # (the sampler columns before it are a request's fixed sampling_row)
 
 def _step_forward(params, pool, batch: PackedBatch, prev_tokens, lora_flat, lora_ranks, *, cfg: ModelConfig,
-                  kernels: str, lora_layout, plan: StepPlan, num_logits: int):
+                  kernels: str, lora_layout, plan: StepPlan, num_logits: int, tp_axis: str | None = None):
     """llama.forward over a batch packed into few arrays (packed.py: each host-to-device transfer
     costs tens of microseconds, so a step sends two int32 arrays, plus two for LoRA)."""
     lora = split_tables(lora_flat, lora_ranks, lora_layout) if lora_flat is not None else None
-    return llama.forward(params, pool, batch.unpack(), prev_tokens, cfg, lora, kernels, plan, num_logits)
+    return llama.forward(params, pool, batch.unpack(), prev_tokens, cfg, lora, kernels, plan, num_logits, tp_axis)
+
+
+def _step_forward_tp(params, pool, batch: PackedBatch, prev_tokens, lora_flat, lora_ranks, *, cfg: ModelConfig,
+                     kernels: str, lora_layout, plan: StepPlan, num_logits: int, tp: TensorParallel):
+    """_step_forward on each device of tp's mesh, on its shards (cfg: the local config); the
+    batch and adapter tables go to every device, the logits come back replicated. check_vma is
+    off: the kernels' pallas_calls carry no replication annotations."""
+    body = partial(_step_forward, cfg=cfg, kernels=kernels, lora_layout=lora_layout, plan=plan,
+                   num_logits=num_logits, tp_axis=AXIS)
+    in_specs = (tp.param_specs(params), POOL_SPEC, P(), P(), P(), P())
+    return jax.shard_map(body, mesh=tp.mesh, in_specs=in_specs, out_specs=(P(), POOL_SPEC), check_vma=False)(
+        params, pool, batch, prev_tokens, lora_flat, lora_ranks)
 
 
 # One jitted step for the process: runners of the same model config share compiled variants.
-_jitted_forward = jax.jit(_step_forward, static_argnames=("cfg", "kernels", "lora_layout", "plan", "num_logits"),
-                          donate_argnums=(1,))
+_STATIC = ("cfg", "kernels", "lora_layout", "plan", "num_logits")
+_jitted_forward = jax.jit(_step_forward, static_argnames=_STATIC, donate_argnums=(1,))
+_jitted_forward_tp = jax.jit(_step_forward_tp, static_argnames=_STATIC + ("tp",), donate_argnums=(1,))
 
 
 @dataclasses.dataclass
@@ -82,7 +97,7 @@ def _pick(buckets: list[int], n: int) -> int:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params, device_pool: DevicePool, adapters: AdapterStore, slots: SlotTable,
                  *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, max_loras: int,
-                 kernels: str = ops.DEFAULT):
+                 kernels: str = ops.DEFAULT, tp: TensorParallel | None = None):
         self.cfg, self.adapters, self.device_pool = cfg, adapters, device_pool
         self.slots = slots  # the running sequences' persistent rows (read only: KVManager writes them)
         self.page_size = device_pool.array.shape[3]
@@ -93,7 +108,12 @@ class ModelRunner:
         max_pages = -(-max_model_len // self.page_size)
         self.page_buckets = _geometric(1, max_pages, 4) if self.backend.page_buckets else [max_pages]
         self.kernels = kernels
-        self._forward = partial(_jitted_forward, cfg=cfg, kernels=kernels, lora_layout=adapters.tables)
+        # params: split over tp's mesh when given (loading.load_model placed them), each device
+        # then running the local config.
+        self.tp = tp
+        self._forward = (partial(_jitted_forward, cfg=cfg, kernels=kernels, lora_layout=adapters.tables) if tp is None
+                         else partial(_jitted_forward_tp, cfg=tp.local_cfg, kernels=kernels,
+                                      lora_layout=adapters.tables, tp=tp))
         self._last_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the latest dispatched step's samples
         self._dispatched = 0
         self.device_time = 0.0
@@ -123,7 +143,9 @@ class ModelRunner:
         variants = []
         for tokens in self.token_buckets:
             plans = [self.plan(tokens, None)]
-            if self.backend.lora_tiles:
+            if self.tp is not None:  # (no LoRA under tensor parallelism yet: intake refuses it)
+                pass
+            elif self.backend.lora_tiles:
                 plans += [self.plan(tokens, None)._replace(lora_tiles=n, tile_size=size)
                           for n, size in lora_tile_options(tokens, self.max_loras)]
             else:
@@ -141,7 +163,7 @@ class ModelRunner:
         n = self.max_num_seqs
         for tokens, pages, plan in self.shape_variants():
             tables = self.adapters.stacked_tables([], self.max_loras) if plan.lora_tiles else (None, None)
-            _jitted_forward.lower(self.params, self.device_pool.array, PackedBatch.empty(tokens, n, pages),
+            self._forward.func.lower(self.params, self.device_pool.array, PackedBatch.empty(tokens, n, pages),
                                   self._last_tokens, *tables,
                                   plan=plan, num_logits=self.num_logits(tokens),
                                   **self._forward.keywords).compile()

@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@partial(jax.jit, donate_argnums=(0,))
-def _write_pages(pool, pages, rows):
+def _write(pool, pages, rows):
     # rows [L, 2, n, page_size, row_width]; page ids past the pool (padding) are dropped.
     return pool.at[:, :, pages].set(rows.astype(pool.dtype), mode="drop")
+
+
+_write_pages = jax.jit(_write, donate_argnums=(0,))
 
 
 def _bucket(n: int) -> int:
@@ -20,8 +22,15 @@ def _bucket(n: int) -> int:
 
 
 class DevicePool:
-    def __init__(self, num_layers: int, num_pages: int, page_size: int, row_width: int, dtype):
-        self.array = jnp.zeros((num_layers, 2, num_pages, page_size, row_width), dtype)
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, row_width: int, dtype, sharding=None):
+        """sharding: where the array lives under tensor parallelism (rows split by KV head);
+        None: the default device."""
+        shape = (num_layers, 2, num_pages, page_size, row_width)
+        if sharding is None:
+            self.array, self._write = jnp.zeros(shape, dtype), _write_pages
+        else:  # made in place on each device; page writes keep the split
+            self.array = jax.jit(partial(jnp.zeros, shape, dtype), out_shardings=sharding)()
+            self._write = jax.jit(_write, donate_argnums=(0,), out_shardings=sharding)
 
     @property
     def num_pages(self) -> int:
@@ -36,7 +45,7 @@ class DevicePool:
         n = 1
         while True:
             rows = jax.ShapeDtypeStruct((self.array.shape[0], 2, n, *self.array.shape[3:]), self.array.dtype)
-            _write_pages.lower(self.array, np.zeros(n, np.int32), rows).compile()
+            self._write.lower(self.array, np.zeros(n, np.int32), rows).compile()
             if n >= max_pages:
                 return
             n *= 2
@@ -51,4 +60,4 @@ class DevicePool:
             pad = [(0, 0)] * rows.ndim
             pad[2] = (0, n - len(pages))
             rows = np.pad(rows, pad)
-        self.array = _write_pages(self.array, ids, rows)
+        self.array = self._write(self.array, ids, rows)

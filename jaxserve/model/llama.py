@@ -32,6 +32,10 @@ from jaxserve.pallas import ops
 from jaxserve.pallas.plan import StepPlan
 
 
+# Projections whose input is split over tensor-parallel devices (their outputs are partial sums).
+ROW_PARALLEL = ("o", "down")
+
+
 class Batch(NamedTuple):
     """One flat ragged batch (all int32). T tokens, S sequences, N logits rows."""
     token_ids: jax.Array       # [T]
@@ -82,13 +86,15 @@ def rms_norm(x, weight, eps):
 
 
 def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None, kernels: str = ops.DEFAULT,
-            plan: StepPlan = StepPlan(), num_logits: int | None = None):
+            plan: StepPlan = StepPlan(), num_logits: int | None = None, tp_axis: str | None = None):
     """Returns (logits [num_logits, V] float32, updated pool). Jit with cfg/kernels/plan/num_logits
     static, pool donated. prev_tokens are the previous step's sampled tokens, still on the device:
     decode tokens can be fed from them before the host has seen them (the engine's async overlap).
     The kernel backend's per-step metadata is prepared once here, outside the layer loop; `plan`
     carries the runner's static choices for it (LoRA tiles, attention segments). Logits are
-    computed for the first num_logits entries of batch.logits_indices (all by default)."""
+    computed for the first num_logits entries of batch.logits_indices (all by default).
+    Under tensor parallelism (inside shard_map over tp_axis) params and pool are one device's
+    shards and cfg its local config: o and down then hold partial sums, all-reduced here."""
     op = ops.get_ops(kernels)
     meta = op.prepare(batch, lora, pool, plan)
     num_tokens = batch.token_ids.shape[0]
@@ -110,6 +116,8 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
                                         tuple(ys[i].shape[-1] for i in adapted))
                 for i, delta in zip(adapted, deltas):
                     ys[i] = ys[i] + delta
+            if tp_axis is not None and names[0] in ROW_PARALLEL:  # summed in float32, then cast
+                ys = [jax.lax.psum(y, tp_axis) for y in ys]
             return [y.astype(x.dtype) for y in ys]
 
         x = rms_norm(h, w["attn_norm"], cfg.rms_norm_eps)

@@ -108,9 +108,13 @@ def read_hf_folder(folder: Path) -> tuple[dict, SafetensorsFolder]:
     return json.loads((folder / "config.json").read_text()), SafetensorsFolder(folder)
 
 
-def hf_to_params(cfg: ModelConfig, tensors: Mapping, dtype=jnp.float32) -> dict:
+def hf_to_params(cfg: ModelConfig, tensors: Mapping, dtype=jnp.float32, place=None) -> dict:
     """HF-named [out, in] tensors -> jaxserve's params pytree (layers stacked), on the device in
-    `dtype`: each tensor is moved (or read) and cast one at a time, transposed and stacked there."""
+    `dtype`: each tensor is moved (or read) and cast one at a time, transposed and stacked there.
+    place(key, array), if given, takes each finished param (key: its name in params["layers"] or
+    at the top) and returns where it should live (tensor parallelism: laid out and split)."""
+    place = place or (lambda key, w: w)
+
     def take(name):
         if name not in tensors:
             raise ValueError(f"checkpoint lacks tensor {name!r} needed by {cfg.architecture}")
@@ -124,11 +128,12 @@ def hf_to_params(cfg: ModelConfig, tensors: Mapping, dtype=jnp.float32) -> dict:
         per_layer = [take(f"model.layers.{i}.{hf_suffix}") for i in range(cfg.num_layers)]
         if hf_suffix.endswith("proj.weight"):
             per_layer = [w.T for w in per_layer]
-        layers[key] = jnp.stack(per_layer)
+        layers[key] = place(key, jnp.stack(per_layer))
         del per_layer
-    params = {"embed": take("model.embed_tokens.weight"), "final_norm": take("model.norm.weight"), "layers": layers}
+    params = {"embed": place("embed", take("model.embed_tokens.weight")),
+              "final_norm": place("final_norm", take("model.norm.weight")), "layers": layers}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = take("lm_head.weight").T
+        params["lm_head"] = place("lm_head", take("lm_head.weight").T)
     return params
 
 

@@ -1,0 +1,118 @@
+"""Tensor parallelism on this machine's devices: throughput, peak host memory at start-up and the
+bytes the step's collectives move, for each TP size, side by side.
+
+    python benchmarks/tensor_parallel.py [--model smollm2] [--sizes 1,2,4] [--requests 64]
+                                         [--input-len 64] [--output-len 32]
+    (or: jaxserve bench tensor_parallel ...)
+
+Each TP size runs in a fresh process (on a CPU with XLA_FLAGS=--xla_force_host_platform_device_count
+= the largest size, so every run sees the same devices): load + compile, then one greedy batch of
+--requests prompts (random token ids), run once untimed (first uses of shapes trace), then timed. Reported per size: output tok/s and its
+ratio to TP 1, peak RSS of the process (ru_maxrss: on a CPU the devices' memory is host memory,
+so the params and the pool count too) and, from the compiled step of a decode batch
+(max_num_seqs tokens), every collective with its result shape and bytes. Tokens must agree with
+TP 1's (printed). On 2 CPU cores, more "devices" only split the same cores: expect no speed-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+WORKER = r"""
+import json, os, re, resource, sys, time
+args = json.loads(sys.argv[1])
+import numpy as np
+from jaxserve import LLM, SamplingParams
+from jaxserve.packed import PackedBatch
+start = time.perf_counter()
+llm = LLM(args["model"], max_model_len=args["input_len"] + args["output_len"] + 16,
+          tensor_parallel_size=args["size"], max_num_seqs=args["max_num_seqs"])
+load = time.perf_counter() - start
+rng = np.random.default_rng(0)
+vocab = llm.engine.model_config.vocab_size
+prompts = [{"prompt_token_ids": rng.integers(10, vocab, args["input_len"]).tolist()} for _ in range(args["requests"])]
+sp = SamplingParams(temperature=0.0, max_tokens=args["output_len"], ignore_eos=True)
+llm.generate(prompts, sp, use_tqdm=False)  # an untimed pass: each shape's first use traces and loads it
+t = time.perf_counter()
+outs = llm.generate(prompts, sp, use_tqdm=False)
+seconds = time.perf_counter() - t
+runner = llm.engine.runner
+n = runner.max_num_seqs
+batch = PackedBatch.empty(n, n, runner.page_buckets[-1])
+hlo = runner._forward.func.lower(runner.params, runner.device_pool.array, batch, runner._last_tokens, None, None,
+                                 plan=runner.plan(n, None), num_logits=runner.num_logits(n),
+                                 **runner._forward.keywords).compile().as_text()
+ops = re.findall(r"= (\w+)\[([\d,]*)\]\S* (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\(", hlo)
+print(json.dumps({"size": args["size"], "load_s": load, "seconds": seconds,
+                  "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+                  "ids": [o.outputs[0].token_ids for o in outs],
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "collectives": ops, "layers": llm.engine.model_config.num_layers, "decode_tokens": n}))
+"""
+BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4}
+
+
+def collective_bytes(ops, layers: int) -> tuple[int, list[str]]:
+    """Bytes per step (an op inside the layer scan runs once per layer: all of them here, since
+    the model's only collectives are the layers' all-reduces) and a description of each."""
+    total, described = 0, []
+    for dtype, dims, op in ops:
+        size = BYTES.get(dtype, 4)
+        for d in filter(None, dims.split(",")):
+            size *= int(d)
+        total += size * layers
+        described.append(f"{op} {dtype}[{dims}]")
+    return total, described
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--sizes", default="1,2,4")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--save-result", help="write the figures as JSON here")
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    env = dict(os.environ)
+    if "cuda" not in env.get("JAX_PLATFORMS", "") and not any(os.path.exists(f"/dev/nvidia{i}") for i in range(8)):
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={max(sizes)}".strip()
+    rows = []
+    for size in sizes:
+        job = dict(model=args.model, size=size, requests=args.requests, input_len=args.input_len,
+                   output_len=args.output_len, max_num_seqs=args.max_num_seqs)
+        done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(job)], capture_output=True, text=True, env=env)
+        if done.returncode:
+            print(f"TP {size} FAILED:\n{done.stderr[-3000:]}")
+            return 1
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"TP {size}: done", file=sys.stderr, flush=True)
+    base = rows[0]
+    print(f"{args.model}: {args.requests} requests, {args.input_len} prompt + {args.output_len} output tokens, greedy")
+    print(f"{'TP':>3} {'load s':>7} {'out tok/s':>10} {'vs TP1':>7} {'peak RSS MiB':>13} {'same tokens':>12} "
+          f"{'bytes/decode step':>18}  collectives in the layer loop")
+    for r in rows:
+        moved, described = collective_bytes(r["collectives"], r["layers"])
+        same = sum(a == b for a, b in zip(r["ids"], base["ids"])) / len(base["ids"])
+        tok_s = r["tokens"] / r["seconds"]
+        r.update(tok_s=tok_s, bytes_per_step=moved, same_tokens=same)
+        print(f"{r['size']:>3} {r['load_s']:>7.1f} {tok_s:>10.1f} {tok_s / (base['tokens'] / base['seconds']):>6.2f}x "
+              f"{r['peak_rss_mb']:>13.0f} {100 * same:>11.0f}% {moved / 2**20:>14.2f} MiB  "
+              f"{', '.join(described) or '-'} (x{r['layers']} layers, {r['decode_tokens']} tokens)")
+    if args.save_result:
+        for r in rows:
+            del r["ids"]
+        with open(args.save_result, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Attention heads laid out for N tensor-parallel devices: each device gets the same number of
+query heads and of KV heads, and every query head stays with the KV head it attends to.
+
+Three cases, by the model's H query heads in Hkv groups of G = H / Hkv:
+- Hkv divisible by N: nothing changes (device d holds groups d*Hkv/N ...).
+- N divisible by Hkv (GQA with fewer KV heads than devices, e.g. one KV head on 4 devices): each
+  KV head is replicated N / Hkv times (as tpu-inference does) and its group's query heads are
+  split among the replicas; a group whose G does not split evenly gets zero query heads appended.
+- neither (SmolLM2: 3 KV heads on 2 or 4 devices): dummy groups are appended — a zero KV head
+  and G zero query heads — up to a multiple of N.
+Padding is exact: a zero query head's scores are all 0, its values are zero (or its o rows are),
+so it adds nothing to the output. It costs a device the padded heads' compute and KV memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+
+
+class HeadPlan(NamedTuple):
+    """Source head of each laid-out head (-1: a zero head), query and KV, in device order."""
+    q_src: tuple[int, ...]
+    kv_src: tuple[int, ...]
+
+    @property
+    def identity(self) -> bool:
+        return self.q_src == tuple(range(len(self.q_src))) and self.kv_src == tuple(range(len(self.kv_src)))
+
+
+def head_plan(num_heads: int, num_kv_heads: int, n: int) -> HeadPlan:
+    group = num_heads // num_kv_heads
+    if num_kv_heads % n == 0:
+        return HeadPlan(tuple(range(num_heads)), tuple(range(num_kv_heads)))
+    if n % num_kv_heads == 0:
+        replicas = n // num_kv_heads
+        padded_group = -(-group // replicas) * replicas
+        q_src = [j * group + u if u < group else -1 for j in range(num_kv_heads) for u in range(padded_group)]
+        kv_src = [j for j in range(num_kv_heads) for _ in range(replicas)]
+        return HeadPlan(tuple(q_src), tuple(kv_src))
+    kv_heads = -(-num_kv_heads // n) * n
+    q_src = [h if h < num_heads else -1 for h in range(kv_heads * group)]
+    kv_src = [j if j < num_kv_heads else -1 for j in range(kv_heads)]
+    return HeadPlan(tuple(q_src), tuple(kv_src))
+
+
+def padded_intermediate(size: int, n: int) -> int:
+    return -(-size // n) * n
+
+
+def laid_out_config(cfg: ModelConfig, n: int) -> ModelConfig:
+    """The model as the N devices hold it together (padded heads and MLP width)."""
+    plan = head_plan(cfg.num_heads, cfg.num_kv_heads, n)
+    return dataclasses.replace(cfg, num_heads=len(plan.q_src), num_kv_heads=len(plan.kv_src),
+                               intermediate_size=padded_intermediate(cfg.intermediate_size, n))
+
+
+def local_config(cfg: ModelConfig, n: int) -> ModelConfig:
+    """What one device's shard of a laid-out model looks like (cfg from laid_out_config)."""
+    return dataclasses.replace(cfg, num_heads=cfg.num_heads // n, num_kv_heads=cfg.num_kv_heads // n,
+                               intermediate_size=cfg.intermediate_size // n)
+
+
+def _take_heads(w, src: tuple[int, ...], head_dim: int, axis: int):
+    """w's head blocks (head_dim wide along axis) in src order; -1 gives zeros."""
+    index = np.array([max(s, 0) * head_dim + i for s in src for i in range(head_dim)])
+    keep = np.repeat(np.array(src) >= 0, head_dim)
+    out = jnp.take(w, index, axis=axis)
+    shape = [1] * w.ndim
+    shape[axis % w.ndim] = len(index)
+    return out * jnp.asarray(keep.reshape(shape), w.dtype)
+
+
+def _pad_axis(w, size: int, axis: int):
+    pad = [(0, 0)] * w.ndim
+    pad[axis % w.ndim] = (0, size - w.shape[axis])
+    return jnp.pad(w, pad)
+
+
+def lay_out_param(name: str, w, cfg: ModelConfig, n: int):
+    """One param (a layer weight by its key in params["layers"], or a top-level one) of the model
+    in its own layout -> the laid-out model's, on the device."""
+    plan = head_plan(cfg.num_heads, cfg.num_kv_heads, n)
+    inter = padded_intermediate(cfg.intermediate_size, n)
+    if name in ("q", "q_bias") and not plan.identity:
+        return _take_heads(w, plan.q_src, cfg.head_dim, axis=-1)
+    if name in ("k", "v", "k_bias", "v_bias") and not plan.identity:
+        return _take_heads(w, plan.kv_src, cfg.head_dim, axis=-1)
+    if name == "o" and not plan.identity:
+        return _take_heads(w, plan.q_src, cfg.head_dim, axis=1)
+    if name in ("gate", "up", "down") and inter != cfg.intermediate_size:
+        return _pad_axis(w, inter, -1 if name != "down" else 1)
+    return w

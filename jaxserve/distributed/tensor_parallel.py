@@ -1,0 +1,71 @@
+"""Tensor parallelism: one model over N local devices (a 1-D jax.sharding.Mesh, axis "tp"), in
+Megatron's layout. q/k/v/gate/up are split by output columns (column-parallel: no communication),
+o/down by input rows (row-parallel: each device's partial sum, then one all-reduce each), so a
+layer costs two all-reduces of [T, hidden]. The embedding, final norm and lm_head are replicated
+(the vocabulary split would save lm_head's memory for one more all-gather of the logits). The
+unified pool is split by KV head along its row (jaxserve/distributed/heads.py lays heads out so
+every device holds whole KV heads and the query heads that read them).
+
+The step runs under shard_map: inside, each device sees its own shard and the model code runs on
+the local config (heads and MLP width / N), with the two psums llama.forward adds when given the
+axis name; the batch, the adapters' tables and the logits are replicated.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxserve.config import ModelConfig
+from jaxserve.distributed.heads import lay_out_param, laid_out_config, local_config
+from jaxserve.model.llama import ROW_PARALLEL
+
+AXIS = "tp"
+# Param name in layers -> the axis split over the devices (the rest are replicated).
+_COLUMN = ("q", "k", "v", "gate", "up", "q_bias", "k_bias", "v_bias")   # last axis: output columns
+_ROW = ROW_PARALLEL                                                      # axis 1: input rows
+POOL_SPEC = P(None, None, None, None, AXIS)  # [L, 2, pages, page_size, row]: rows split by KV head
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorParallel:
+    mesh: Mesh
+    size: int
+    cfg: ModelConfig         # the laid-out model (padded heads), as all devices hold it together
+    local_cfg: ModelConfig   # one device's shard of it
+
+    @classmethod
+    def create(cls, size: int, cfg: ModelConfig) -> "TensorParallel":
+        devices = jax.local_devices()
+        if not 1 <= size <= len(devices):
+            raise ValueError(f"tensor_parallel_size={size!r} is invalid: {len(devices)} local "
+                             f"{jax.default_backend()} device(s) exist; allowed: 1..{len(devices)} (on a CPU, "
+                             f"XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported)")
+        mesh = Mesh(np.array(devices[:size]), (AXIS,))
+        laid_out = laid_out_config(cfg, size)
+        return cls(mesh, size, laid_out, local_config(laid_out, size))
+
+    def sharding(self, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    def spec(self, name: str, ndim: int) -> P:
+        """The split of one param: name is its key in params["layers"] or a top-level key."""
+        if name in _COLUMN:
+            return P(*([None] * (ndim - 1)), AXIS)
+        if name in _ROW:
+            return P(None, AXIS, None)
+        return P()
+
+    def param_specs(self, params: dict) -> dict:
+        specs = {key: P() for key in params if key != "layers"}
+        specs["layers"] = {name: self.spec(name, w.ndim) for name, w in params["layers"].items()}
+        return specs
+
+    def place(self, name: str, w, model_cfg: ModelConfig):
+        """One param of the model as loaded (model_cfg's layout, on one device) -> laid out and
+        split over the mesh. The loader calls it tensor by tensor (weights.hf_to_params), so no
+        second copy of the whole model is ever held."""
+        w = lay_out_param(name, w, model_cfg, self.size)
+        return jax.device_put(w, self.sharding(self.spec(name, w.ndim)))

@@ -1,0 +1,113 @@
+"""Tensor parallelism on 4 CPU devices (tests/tp_worker.py, in a process of its own: the device
+count is fixed when jax is imported): TP 1, 2 and 4 against HF's golden outputs and each other,
+the head layout's padding cases, the step's collectives."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from test_golden_hf import LOGPROB_TOL
+
+from jaxserve.distributed.heads import head_plan
+
+HERE = Path(__file__).parent
+RANDOM_3KV = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128, "hidden_size": 48, "intermediate_size": 90,
+              "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 3,
+              "max_position_embeddings": 128, "rms_norm_eps": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def tp(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tp")
+    (folder / "config.json").write_text(json.dumps(RANDOM_3KV))
+    out = folder / "result.json"
+    proc = subprocess.run([sys.executable, str(HERE / "tp_worker.py"), str(out), str(folder)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def assert_same(got, want, tol=LOGPROB_TOL):
+    for g, w in zip(got, want, strict=True):
+        assert g["ids"] == w["ids"]
+        for gs, ws in zip(g["top5"], w["top5"], strict=True):
+            assert [t for t, _ in gs] == [t for t, _ in ws]
+            np.testing.assert_allclose([lp for _, lp in gs], [lp for _, lp in ws], atol=tol)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])
+def test_every_tp_size_matches_hf(tp, golden, model):
+    # tiny-llama: 4 query heads over 2 KV heads (TP 4 replicates each KV head twice);
+    # tiny-qwen2: q/k/v biases, ONE KV head (replicated on every device at TP 2 and 4).
+    want = golden[model]["base"]
+    for size, run in tp["runs"][model].items():
+        got = run["outputs"]
+        assert [g["ids"] for g in got] == want["greedy"], f"TP {size}"
+        for g, top5 in zip(got, want["top5"]):
+            for gs, ws in zip(g["top5"], top5):
+                assert [t for t, _ in gs] == [t for t, _ in ws], f"TP {size}"
+                np.testing.assert_allclose([lp for _, lp in gs], [lp for _, lp in ws], atol=LOGPROB_TOL)
+
+
+def test_padded_heads_give_the_unsplit_model(tp):
+    # 6 query heads over 3 KV heads: no TP size divides 3, so dummy groups are added (a zero KV
+    # head and its zero query heads), and the MLP's 90 columns are padded to 92 at TP 4.
+    runs = tp["runs"]["random-3kv"]
+    for size in ("2", "4"):
+        assert_same(runs[size]["outputs"], runs["1"]["outputs"])
+
+
+def test_chunked_prefill_and_preemption_under_tp(tp, golden):
+    runs = tp["runs"]["chunked-preempted"]
+    for size, run in runs.items():
+        assert run["preemptions"] > 0, f"TP {size}: the pool was meant to force preemption"
+        assert [g["ids"] for g in run["outputs"]] == golden["tiny-llama"]["base"]["greedy"] * 3, f"TP {size}"
+    assert tp["devices"] == 4
+
+
+def test_pallas_kernels_under_tp(tp, golden):
+    for size, run in tp["runs"]["pallas"].items():
+        assert [g["ids"] for g in run["outputs"]] == golden["tiny-llama"]["base"]["greedy"], f"TP {size}"
+
+
+def test_step_communicates_two_all_reduces_per_layer(tp):
+    # Megatron: o and down are row-parallel, each one all-reduce of the [T, hidden] partial sums
+    # (T = 16 tokens, hidden 64, float32); the layers run under one scan, so the loop body holds
+    # the two. Nothing else moves: the embedding and lm_head are replicated.
+    hidden = json.loads((FIXTURES / "tiny-llama" / "config.json").read_text())["hidden_size"]
+    ops = [tuple(c) for c in tp["collectives"]]
+    assert ops == [(f"f32[16,{hidden}]", "all-reduce")] * 2, ops
+
+
+def test_lora_under_tp_is_refused_clearly_and_disturbs_nothing(tp, golden):
+    assert "tensor_parallel_size=2" in tp["lora_error"] and "qv-r4" in tp["lora_error"]
+    assert tp["after_error"][0]["ids"] == golden["tiny-llama"]["base"]["greedy"][0]
+
+
+@pytest.mark.parametrize("heads,kv,n", [(4, 2, 2), (4, 2, 4), (4, 1, 4), (6, 3, 2), (6, 3, 4), (9, 3, 4),
+                                        (32, 8, 4), (12, 2, 8), (6, 2, 4)])
+def test_head_plan_keeps_every_query_head_with_its_kv_head(heads, kv, n):
+    plan = head_plan(heads, kv, n)
+    q, k = np.array(plan.q_src), np.array(plan.kv_src)
+    assert len(q) % n == 0 and len(k) % n == 0 and len(q) % len(k) == 0
+    group = len(q) // len(k)
+    assert sorted(q[q >= 0].tolist()) == list(range(heads))      # every real head exactly once
+    assert sorted(set(k[k >= 0].tolist())) == list(range(kv))
+    for i, src in enumerate(q):
+        if src >= 0:   # laid-out head i reads laid-out KV head i // group: a copy of its own
+            assert k[i // group] == src // (heads // kv)
+    per_device = len(q) // n, len(k) // n
+    assert per_device[0] == group * per_device[1]
+
+
+@pytest.mark.parametrize("size", [2, 0])
+def test_tp_size_the_devices_cannot_give_is_a_clear_error(size):
+    # this process has one CPU device (the worker above makes four for itself)
+    from conftest import TINY
+    from jaxserve import LLM
+    with pytest.raises(ValueError, match=f"tensor_parallel_size={size}"):
+        LLM(str(TINY), tensor_parallel_size=size)

@@ -1,0 +1,82 @@
+"""Runs in its own process (tests/test_tensor_parallel.py): XLA must see 4 CPU devices, which is
+fixed when jax is imported. Writes one JSON of everything the tests assert on:
+
+- "runs": per case and tensor_parallel_size, each request's token ids and top-5 logprobs
+  (cases: the tiny HF fixtures on their golden prompts; a random model with 3 KV heads, which
+  no TP size divides; chunked prefill with preemption);
+- "collectives": the compiled step's all-reduce / all-gather / others (shape of each) at TP 2;
+- "lora_error": what a LoRA request gets under TP.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ["JAXSERVE_WARMUP"] = "0"
+
+from conftest import FIXTURES, TINY, lora_request  # noqa: E402  (after XLA_FLAGS)
+
+from jaxserve import LLM, SamplingParams  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
+SIZES = (1, 2, 4)
+
+
+def generate(llm, prompts):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    return [{"ids": o.outputs[0].token_ids,
+             "top5": [sorted(step.items(), key=lambda kv: -kv[1])[:5] for step in o.outputs[0].logprobs]}
+            for o in outs]
+
+
+def collectives(llm) -> list[tuple[str, str]]:
+    """(op, result shape) of every collective in the compiled step for a 16-token batch."""
+    from jaxserve.packed import PackedBatch
+    runner = llm.engine.runner
+    batch = PackedBatch.empty(16, runner.max_num_seqs, runner.page_buckets[-1])
+    plan = runner.plan(16, None)
+    hlo = runner._forward.func.lower(runner.params, runner.device_pool.array, batch, runner._last_tokens, None, None,
+                                     plan=plan, num_logits=runner.num_logits(16),
+                                     **runner._forward.keywords).compile().as_text()
+    found = re.findall(r"= (\S+) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\(", hlo)
+    return [(re.sub(r"\{.*\}", "", shape), op) for shape, op in found]  # (without the layout)
+
+
+def main(out_path: str, random_model: str) -> None:
+    golden = json.loads((FIXTURES / "golden.json").read_text())
+    result = {"runs": {}, "devices": None}
+    cases = [("tiny-llama", str(TINY), golden["tiny-llama"]["base"]["prompts"], {}),
+             ("tiny-qwen2", str(FIXTURES / "tiny-qwen2"), golden["tiny-qwen2"]["base"]["prompts"], {}),
+             ("random-3kv", "random:" + random_model, [[5, 6, 7], list(range(1, 40))], {}),
+             # 16-token steps chunk the 33-token prompt; 16 pages of 4 tokens cannot hold the
+             # golden prompts three times over (they need 81): some are preempted and recomputed.
+             ("chunked-preempted", str(TINY), golden["tiny-llama"]["base"]["prompts"] * 3,
+              dict(max_num_batched_tokens=16, max_num_seqs=8, page_size=4, num_pool_pages=16)),
+             # the Pallas kernels (interpret mode) run per device under shard_map like the XLA ops
+             ("pallas", str(TINY), golden["tiny-llama"]["base"]["prompts"], dict(kernels="pallas-interpret"))]
+    for name, model, prompts, options in cases:
+        result["runs"][name] = {}
+        for size in SIZES:
+            llm = LLM(model, max_model_len=64, tensor_parallel_size=size, **options)
+            result["runs"][name][size] = {"outputs": generate(llm, prompts),
+                                          "preemptions": llm.engine.num_preemptions}
+            if name == "tiny-llama" and size == 2:
+                result["collectives"] = collectives(llm)
+                try:
+                    llm.generate("hello", GREEDY, lora_request("qv-r4"))
+                    result["lora_error"] = None
+                except ValueError as e:
+                    result["lora_error"] = str(e)
+                result["after_error"] = generate(llm, prompts[:1])
+            del llm
+    import jax
+    result["devices"] = len(jax.devices())
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
