@@ -11,7 +11,8 @@ that would not fit in what is left is skipped and says so):
    compiled wherever jax's backend is a GPU);
 2. `bench kernels --quick`: paged decode attention's KV bandwidth against a measured device copy
    and jax's own paged_attention; LoRA time added to a Llama-7B decode layer at 64 / 1,000
-   adapters against the padded baseline;
+   adapters against the padded baseline; the decode layer (projections + attention) against its
+   memory-bandwidth floor;
 3. one short s1 run that fills the persistent compilation cache, so that no timed run compiles;
 4. `bench serve` on S-LoRA's settings: s1 (Llama-7B, rank 8) at 1, 100 and 1,000 adapters (1,000
    with --compare merged,padded), s2 (ranks 64-8) at 100 with --compare padded, s4 (Llama-13B) at

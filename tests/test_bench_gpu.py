@@ -56,3 +56,18 @@ def test_bad_numbers_are_refused(flag, capsys):
     with pytest.raises(SystemExit):
         gpu.build_parser().parse_args([flag, "many"])
     assert f"argument {flag}: invalid float value: 'many'" in capsys.readouterr().err
+
+
+def test_decode_layer_is_judged_against_weights_plus_kv_at_copy_bandwidth():
+    import kernels
+    base = {"impl": "base layer (7 matmuls, no attention)", "ms": 0.6, "batch": 64, "base_weight_bytes": 1.5e9}
+    att = [{"impl": "jaxserve pps=8", "ms": 0.9, "context": 2048, "heads": 32, "kv_heads": 32, "kv_bytes": 0.5e9},
+           {"impl": "jaxserve pps=16", "ms": 0.7, "context": 2048, "heads": 32, "kv_heads": 32, "kv_bytes": 0.5e9},
+           {"impl": "xla reference", "ms": 0.1, "context": 2048, "heads": 32, "kv_heads": 32, "kv_bytes": 0.5e9},
+           {"impl": "jaxserve pps=8", "ms": 0.1, "context": 2048, "heads": 32, "kv_heads": 8, "kv_bytes": 0.1e9}]
+    # floor: (1.5 + 0.5) GB at 2 TB/s = 1.0 ms; step: 0.6 + the fastest jaxserve MHA split 0.7 = 1.3 ms
+    (line,) = kernels.decode_step_vs_floor(att, [base], copy_tbs=2.0, heads=32)
+    assert "= 1.300 ms vs floor 1.000 ms" in line and "1.30x" in line and line.endswith("MET")
+    (line,) = kernels.decode_step_vs_floor(att, [{**base, "ms": 0.7}], copy_tbs=2.0, heads=32)
+    assert "1.40x" in line and line.endswith("NOT MET")
+    assert kernels.decode_step_vs_floor(att, [base], copy_tbs=None, heads=32) == []
