@@ -26,6 +26,8 @@ WORKER = r"""
 import json, os, re, resource, sys, time
 args = json.loads(sys.argv[1])
 import numpy as np
+import jaxserve.distributed.tensor_parallel as tensor_parallel
+tensor_parallel.VOCAB_PARALLEL = args["vocab"] == "split"
 from jaxserve import LLM, SamplingParams
 from jaxserve.packed import PackedBatch
 start = time.perf_counter()
@@ -46,8 +48,14 @@ batch = PackedBatch.empty(n, n, runner.page_buckets[-1])
 hlo = runner._forward.func.lower(runner.params, runner.device_pool.array, batch, runner._last_tokens, None, None,
                                  plan=runner.plan(n, None), num_logits=runner.num_logits(n),
                                  **runner._forward.keywords).compile().as_text()
-ops = re.findall(r"= (\w+)\[([\d,]*)\]\S* (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\(", hlo)
-print(json.dumps({"size": args["size"], "load_s": load, "seconds": seconds,
+ops, entry = [], False
+for line in hlo.splitlines():  # each collective with whether it is in ENTRY (once) or a loop body
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+        entry = line.startswith("ENTRY")
+    m = re.search(r"= (\w+)\[([\d,]*)\]\S* (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\(", line)
+    if m:
+        ops.append((entry, *m.groups()))
+print(json.dumps({"size": args["size"], "vocab": args["vocab"], "load_s": load, "seconds": seconds,
                   "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
                   "ids": [o.outputs[0].token_ids for o in outs],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -57,15 +65,17 @@ BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4}
 
 
 def collective_bytes(ops, layers: int) -> tuple[int, list[str]]:
-    """Bytes per step (an op inside the layer scan runs once per layer: all of them here, since
-    the model's only collectives are the layers' all-reduces) and a description of each."""
+    """Bytes per step (the result's bytes) and a description of each collective. Those in the
+    layer loop's body (the all-reduces of [T, hidden] after o and down) run once per layer, those
+    in ENTRY (the vocabulary split's lookup all-reduce and logits all-gather) once."""
     total, described = 0, []
-    for dtype, dims, op in ops:
+    for entry, dtype, dims, op in ops:
         size = BYTES.get(dtype, 4)
         for d in filter(None, dims.split(",")):
             size *= int(d)
-        total += size * layers
-        described.append(f"{op} {dtype}[{dims}]")
+        in_loop = not entry
+        total += size * (layers if in_loop else 1)
+        described.append(f"{op} {dtype}[{dims}]" + (f" x{layers} layers" if in_loop else ""))
     return total, described
 
 
@@ -77,6 +87,9 @@ def main(argv=None) -> int:
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--replicated-vocab", action="store_true",
+                   help="also run each TP size > 1 with the embedding and lm_head replicated (the default splits them "
+                        "over the vocabulary)")
     p.add_argument("--save-result", help="write the figures as JSON here")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -85,8 +98,10 @@ def main(argv=None) -> int:
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
         env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={max(sizes)}".strip()
     rows = []
-    for size in sizes:
-        job = dict(model=args.model, size=size, requests=args.requests, input_len=args.input_len,
+    runs = [(size, "split") for size in sizes]
+    runs += [(size, "replicated") for size in sizes if size > 1 and args.replicated_vocab]
+    for size, vocab in runs:
+        job = dict(model=args.model, size=size, vocab=vocab, requests=args.requests, input_len=args.input_len,
                    output_len=args.output_len, max_num_seqs=args.max_num_seqs)
         done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(job)], capture_output=True, text=True, env=env)
         if done.returncode:
@@ -96,16 +111,16 @@ def main(argv=None) -> int:
         print(f"TP {size}: done", file=sys.stderr, flush=True)
     base = rows[0]
     print(f"{args.model}: {args.requests} requests, {args.input_len} prompt + {args.output_len} output tokens, greedy")
-    print(f"{'TP':>3} {'load s':>7} {'out tok/s':>10} {'vs TP1':>7} {'peak RSS MiB':>13} {'same tokens':>12} "
-          f"{'bytes/decode step':>18}  collectives in the layer loop")
+    print(f"{'TP':>3} {'vocab':>10} {'load s':>7} {'out tok/s':>10} {'vs TP1':>7} {'peak RSS MiB':>13} {'same tokens':>12} "
+          f"{'bytes/decode step':>18}  collectives")
     for r in rows:
         moved, described = collective_bytes(r["collectives"], r["layers"])
         same = sum(a == b for a, b in zip(r["ids"], base["ids"])) / len(base["ids"])
         tok_s = r["tokens"] / r["seconds"]
         r.update(tok_s=tok_s, bytes_per_step=moved, same_tokens=same)
-        print(f"{r['size']:>3} {r['load_s']:>7.1f} {tok_s:>10.1f} {tok_s / (base['tokens'] / base['seconds']):>6.2f}x "
+        print(f"{r['size']:>3} {r['vocab'] if r['size'] > 1 else '-':>10} {r['load_s']:>7.1f} {tok_s:>10.1f} {tok_s / (base['tokens'] / base['seconds']):>6.2f}x "
               f"{r['peak_rss_mb']:>13.0f} {100 * same:>11.0f}% {moved / 2**20:>14.2f} MiB  "
-              f"{', '.join(described) or '-'} (x{r['layers']} layers, {r['decode_tokens']} tokens)")
+              f"{', '.join(described) or '-'} ({r['decode_tokens']} tokens)")
     if args.save_result:
         for r in rows:
             del r["ids"]

@@ -114,7 +114,10 @@ class ModelRunner:
         self._forward = (partial(_jitted_forward, cfg=cfg, kernels=kernels, lora_layout=adapters.tables) if tp is None
                          else partial(_jitted_forward_tp, cfg=tp.local_cfg, kernels=kernels,
                                       lora_layout=adapters.tables, tp=tp))
-        self._last_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the latest dispatched step's samples
+        # Where the step's outputs live: under TP, replicated over the mesh. Warm-up compiles for
+        # it (an input placed elsewhere would be another executable, compiled at first use).
+        self._replicated = None if tp is None else tp.sharding(P())
+        self._last_tokens = jax.device_put(jnp.zeros(max_num_seqs, jnp.int32), self._replicated)  # latest samples
         self._dispatched = 0
         self.device_time = 0.0
         self.num_compiled = 0
@@ -169,7 +172,7 @@ class ModelRunner:
                                   **self._forward.keywords).compile()
         rows = sorted({self.num_logits(t) for t in self.token_buckets})
         for r in rows:
-            logits = jax.ShapeDtypeStruct((r, self.cfg.vocab_size), jnp.float32)
+            logits = jax.ShapeDtypeStruct((r, self.cfg.vocab_size), jnp.float32, sharding=self._replicated)
             for num_logprobs in (0, MAX_LOGPROBS):
                 for mode in SAMPLER_MODES:
                     sample_packed.lower(logits, SamplerInputs.pack(sampler_table(r)),

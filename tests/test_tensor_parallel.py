@@ -15,7 +15,7 @@ from test_golden_hf import LOGPROB_TOL
 from jaxserve.distributed.heads import head_plan
 
 HERE = Path(__file__).parent
-RANDOM_3KV = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128, "hidden_size": 48, "intermediate_size": 90,
+RANDOM_3KV = {"architectures": ["LlamaForCausalLM"], "vocab_size": 130, "hidden_size": 48, "intermediate_size": 90,
               "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 3,
               "max_position_embeddings": 128, "rms_norm_eps": 1e-5}
 
@@ -55,7 +55,8 @@ def test_every_tp_size_matches_hf(tp, golden, model):
 
 def test_padded_heads_give_the_unsplit_model(tp):
     # 6 query heads over 3 KV heads: no TP size divides 3, so dummy groups are added (a zero KV
-    # head and its zero query heads), and the MLP's 90 columns are padded to 92 at TP 4.
+    # head and its zero query heads), the MLP's 90 columns are padded to 92 and the vocabulary's
+    # 130 rows to 132 at TP 4.
     runs = tp["runs"]["random-3kv"]
     for size in ("2", "4"):
         assert_same(runs[size]["outputs"], runs["1"]["outputs"])
@@ -69,18 +70,24 @@ def test_chunked_prefill_and_preemption_under_tp(tp, golden):
     assert tp["devices"] == 4
 
 
+def test_no_compile_after_warmup_under_tp(tp):
+    assert tp["compiles_after_warmup"] == 0
+
+
 def test_pallas_kernels_under_tp(tp, golden):
     for size, run in tp["runs"]["pallas"].items():
         assert [g["ids"] for g in run["outputs"]] == golden["tiny-llama"]["base"]["greedy"], f"TP {size}"
 
 
-def test_step_communicates_two_all_reduces_per_layer(tp):
-    # Megatron: o and down are row-parallel, each one all-reduce of the [T, hidden] partial sums
-    # (T = 16 tokens, hidden 64, float32); the layers run under one scan, so the loop body holds
-    # the two. Nothing else moves: the embedding and lm_head are replicated.
-    hidden = json.loads((FIXTURES / "tiny-llama" / "config.json").read_text())["hidden_size"]
-    ops = [tuple(c) for c in tp["collectives"]]
-    assert ops == [(f"f32[16,{hidden}]", "all-reduce")] * 2, ops
+def test_step_communicates_what_megatron_says(tp):
+    # o and down are row-parallel, each one all-reduce of the [T, hidden] partial sums (T = 16
+    # tokens, hidden 64, float32; the layers run under one scan, so the loop body holds the two);
+    # the vocabulary-split embedding adds one all-reduce of [T, hidden] and lm_head one all-gather
+    # of the logits [16 rows, 384]. Nothing else moves.
+    config = json.loads((FIXTURES / "tiny-llama" / "config.json").read_text())
+    ops = sorted(tuple(c) for c in tp["collectives"])
+    assert ops == sorted([(f"f32[16,{config['hidden_size']}]", "all-reduce")] * 3
+                         + [(f"f32[16,{config['vocab_size']}]", "all-gather")]), ops
 
 
 def test_lora_under_tp_is_refused_clearly_and_disturbs_nothing(tp, golden):

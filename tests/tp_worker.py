@@ -19,6 +19,8 @@ os.environ["JAXSERVE_WARMUP"] = "0"
 
 from conftest import FIXTURES, TINY, lora_request  # noqa: E402  (after XLA_FLAGS)
 
+import numpy as np  # noqa: E402
+
 from jaxserve import LLM, SamplingParams  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
@@ -72,6 +74,18 @@ def main(out_path: str, random_model: str) -> None:
                     result["lora_error"] = str(e)
                 result["after_error"] = generate(llm, prompts[:1])
             del llm
+    # Warm-up compiles every variant for the mesh: serving then compiles nothing (the step's
+    # inputs and the sampler's logits are where warm-up assumed: replicated over the devices).
+    from jaxserve import runtime
+    llm = LLM(str(TINY), max_model_len=64, tensor_parallel_size=2, max_num_seqs=16, max_num_batched_tokens=64,
+              warmup=True)
+    before = runtime.backend_compiles()
+    rng = np.random.default_rng(0)
+    params = [SamplingParams(temperature=t, top_k=k, logprobs=lp, max_tokens=int(rng.integers(1, 12)), ignore_eos=True)
+              for t, k, lp in [(0.0, -1, None), (0.7, 5, 3), (0.7, -1, None), (0.0, -1, 2)] * 3]
+    llm.generate([{"prompt_token_ids": rng.integers(3, 380, rng.integers(1, 40)).tolist()} for _ in params],
+                 params, use_tqdm=False)
+    result["compiles_after_warmup"] = runtime.backend_compiles() - before
     import jax
     result["devices"] = len(jax.devices())
     with open(out_path, "w") as f:

@@ -1,9 +1,10 @@
 """Tensor parallelism: one model over N local devices (a 1-D jax.sharding.Mesh, axis "tp"), in
 Megatron's layout. q/k/v/gate/up are split by output columns (column-parallel: no communication),
 o/down by input rows (row-parallel: each device's partial sum, then one all-reduce each), so a
-layer costs two all-reduces of [T, hidden]. The embedding, final norm and lm_head are replicated
-(the vocabulary split would save lm_head's memory for one more all-gather of the logits). The
-unified pool is split by KV head along its row (jaxserve/distributed/heads.py lays heads out so
+layer costs two all-reduces of [T, hidden]. The embedding and lm_head are split over the
+vocabulary (VOCAB_PARALLEL, as vLLM's VocabParallelEmbedding / ParallelLMHead: rows padded to a
+multiple of N; one all-reduce of [T, hidden] for the lookup and one all-gather of the logits per
+step, against 1/N of their memory); the final norm is replicated. The unified pool is split by KV head along its row (jaxserve/distributed/heads.py lays heads out so
 every device holds whole KV heads and the query heads that read them).
 
 The step runs under shard_map: inside, each device sees its own shard and the model code runs on
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -27,6 +29,9 @@ AXIS = "tp"
 _COLUMN = ("q", "k", "v", "gate", "up", "q_bias", "k_bias", "v_bias")   # last axis: output columns
 _ROW = ROW_PARALLEL                                                      # axis 1: input rows
 POOL_SPEC = P(None, None, None, None, AXIS)  # [L, 2, pages, page_size, row]: rows split by KV head
+# Split the embedding and lm_head over the vocabulary (else replicate them). benchmarks/
+# tensor_parallel.py --replicated-vocab sets it False in its worker to measure the alternative.
+VOCAB_PARALLEL = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +40,7 @@ class TensorParallel:
     size: int
     cfg: ModelConfig         # the laid-out model (padded heads), as all devices hold it together
     local_cfg: ModelConfig   # one device's shard of it
+    vocab_parallel: bool     # embedding rows / lm_head columns split over the devices
 
     @classmethod
     def create(cls, size: int, cfg: ModelConfig) -> "TensorParallel":
@@ -45,7 +51,7 @@ class TensorParallel:
                              f"XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported)")
         mesh = Mesh(np.array(devices[:size]), (AXIS,))
         laid_out = laid_out_config(cfg, size)
-        return cls(mesh, size, laid_out, local_config(laid_out, size))
+        return cls(mesh, size, laid_out, local_config(laid_out, size), VOCAB_PARALLEL)
 
     def sharding(self, spec: P) -> NamedSharding:
         return NamedSharding(self.mesh, spec)
@@ -56,10 +62,14 @@ class TensorParallel:
             return P(*([None] * (ndim - 1)), AXIS)
         if name in _ROW:
             return P(None, AXIS, None)
+        if self.vocab_parallel and name == "embed":
+            return P(AXIS, None)
+        if self.vocab_parallel and name == "lm_head":
+            return P(None, AXIS)
         return P()
 
     def param_specs(self, params: dict) -> dict:
-        specs = {key: P() for key in params if key != "layers"}
+        specs = {key: self.spec(key, w.ndim) for key, w in params.items() if key != "layers"}
         specs["layers"] = {name: self.spec(name, w.ndim) for name, w in params["layers"].items()}
         return specs
 
@@ -68,4 +78,9 @@ class TensorParallel:
         split over the mesh. The loader calls it tensor by tensor (weights.hf_to_params), so no
         second copy of the whole model is ever held."""
         w = lay_out_param(name, w, model_cfg, self.size)
+        if self.vocab_parallel and name in ("embed", "lm_head"):  # vocabulary padded to whole slices
+            axis = 0 if name == "embed" else 1
+            pad = [(0, 0), (0, 0)]
+            pad[axis] = (0, -w.shape[axis] % self.size)
+            w = jnp.pad(w, pad)
         return jax.device_put(w, self.sharding(self.spec(name, w.ndim)))

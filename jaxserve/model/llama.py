@@ -141,7 +141,10 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
         return h, (k, v)
 
     token_ids = jnp.where(batch.prev_rows >= 0, prev_tokens[jnp.maximum(batch.prev_rows, 0)], batch.token_ids)
-    h = params["embed"][token_ids]
+    # Under TP the vocabulary may be split: each device holds a slice of the embedding's rows
+    # (and of lm_head's columns), padded to a multiple of the devices.
+    vocab_split = tp_axis is not None and params["embed"].shape[0] != cfg.vocab_size
+    h = _embed_split(params["embed"], token_ids, tp_axis) if vocab_split else params["embed"][token_ids]
     layer_ids = jnp.arange(cfg.num_layers)
     h, (k_all, v_all) = jax.lax.scan(layer, h, (layer_ids, params["layers"]))       # [L, T, kv] each
     # Padding tokens (slot -1) write out of bounds, which mode="drop" discards.
@@ -150,6 +153,18 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
     h = rms_norm(h[batch.logits_indices[:num_logits]], params["final_norm"], cfg.rms_norm_eps)
     lm_head = params["lm_head"] if "lm_head" in params else params["embed"].T
     logits = jnp.dot(h, lm_head, preferred_element_type=jnp.float32)
+    if vocab_split:  # each device has its slice of the vocabulary's logits: gather, drop the padding
+        logits = jax.lax.all_gather(logits, tp_axis, axis=1, tiled=True)[:, :cfg.vocab_size]
     return logits, pool
+
+
+def _embed_split(embed, token_ids, axis: str):
+    """Rows of a vocabulary-split embedding: the device holding a token's row gives it, the
+    others zeros, summed over the devices (one all-reduce of [T, hidden])."""
+    rows = embed.shape[0]
+    local = token_ids - jax.lax.axis_index(axis) * rows
+    mine = (local >= 0) & (local < rows)
+    h = jnp.where(mine[:, None], embed[jnp.clip(local, 0, rows - 1)], 0)
+    return jax.lax.psum(h, axis)
 
 
