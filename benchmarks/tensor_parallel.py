@@ -32,21 +32,36 @@ from jaxserve import LLM, SamplingParams
 from jaxserve.packed import PackedBatch
 start = time.perf_counter()
 llm = LLM(args["model"], max_model_len=args["input_len"] + args["output_len"] + 16,
-          tensor_parallel_size=args["size"], max_num_seqs=args["max_num_seqs"])
+          tensor_parallel_size=args["size"], max_num_seqs=args["max_num_seqs"], max_lora_rank=max(args["ranks"]),
+          lora_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
 load = time.perf_counter() - start
 rng = np.random.default_rng(0)
 vocab = llm.engine.model_config.vocab_size
 prompts = [{"prompt_token_ids": rng.integers(10, vocab, args["input_len"]).tolist()} for _ in range(args["requests"])]
 sp = SamplingParams(temperature=0.0, max_tokens=args["output_len"], ignore_eos=True)
-llm.generate(prompts, sp, use_tqdm=False)  # an untimed pass: each shape's first use traces and loads it
+loras = None
+if args["adapters"]:  # the same random adapters in every process (seeded), round-robin over the requests
+    import tempfile
+    from jaxserve import LoRARequest
+    from jaxserve.lora.demo import write_random_adapter
+    folder = tempfile.mkdtemp()
+    cfg = llm.engine.model_config
+    for i in range(args["adapters"]):
+        write_random_adapter(f"{folder}/a{i}", cfg, rank=args["ranks"][i % len(args["ranks"])], seed=i,
+                             target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    loras = [LoRARequest(f"a{i % args['adapters']}", i % args["adapters"] + 1, f"{folder}/a{i % args['adapters']}")
+             for i in range(len(prompts))]
+llm.generate(prompts, sp, loras, use_tqdm=False)  # an untimed pass: each shape's first use traces and loads it
 t = time.perf_counter()
-outs = llm.generate(prompts, sp, use_tqdm=False)
+outs = llm.generate(prompts, sp, loras, use_tqdm=False)
 seconds = time.perf_counter() - t
 runner = llm.engine.runner
 n = runner.max_num_seqs
 batch = PackedBatch.empty(n, n, runner.page_buckets[-1])
-hlo = runner._forward.func.lower(runner.params, runner.device_pool.array, batch, runner._last_tokens, None, None,
-                                 plan=runner.plan(n, None), num_logits=runner.num_logits(n),
+lora_ids = (np.arange(n) % runner.max_loras).astype(np.int32) if loras else None  # distinct adapters: the most tiles
+tables = runner.adapters.stacked_tables([], runner.max_loras) if loras else (None, None)
+hlo = runner._forward.func.lower(runner.params, runner.device_pool.array, batch, runner._last_tokens, *tables,
+                                 plan=runner.plan(n, lora_ids), num_logits=runner.num_logits(n),
                                  **runner._forward.keywords).compile().as_text()
 ops, entry = [], False
 for line in hlo.splitlines():  # each collective with whether it is in ENTRY (once) or a loop body
@@ -87,6 +102,9 @@ def main(argv=None) -> int:
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--adapters", type=int, default=0,
+                   help="requests round-robin over this many random adapters on q/k/v/o (0: none)")
+    p.add_argument("--ranks", default="8,16", help="their ranks, in turn")
     p.add_argument("--replicated-vocab", action="store_true",
                    help="also run each TP size > 1 with the embedding and lm_head replicated (the default splits them "
                         "over the vocabulary)")
@@ -101,7 +119,8 @@ def main(argv=None) -> int:
     runs = [(size, "split") for size in sizes]
     runs += [(size, "replicated") for size in sizes if size > 1 and args.replicated_vocab]
     for size, vocab in runs:
-        job = dict(model=args.model, size=size, vocab=vocab, requests=args.requests, input_len=args.input_len,
+        job = dict(model=args.model, size=size, vocab=vocab, adapters=args.adapters,
+                   ranks=[int(r) for r in args.ranks.split(",")], requests=args.requests, input_len=args.input_len,
                    output_len=args.output_len, max_num_seqs=args.max_num_seqs)
         done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(job)], capture_output=True, text=True, env=env)
         if done.returncode:
@@ -110,7 +129,8 @@ def main(argv=None) -> int:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"TP {size}: done", file=sys.stderr, flush=True)
     base = rows[0]
-    print(f"{args.model}: {args.requests} requests, {args.input_len} prompt + {args.output_len} output tokens, greedy")
+    print(f"{args.model}: {args.requests} requests, {args.input_len} prompt + {args.output_len} output tokens, greedy"
+          + (f", round-robin over {args.adapters} adapters of ranks {args.ranks} on q/k/v/o" if args.adapters else ""))
     print(f"{'TP':>3} {'vocab':>10} {'load s':>7} {'out tok/s':>10} {'vs TP1':>7} {'peak RSS MiB':>13} {'same tokens':>12} "
           f"{'bytes/decode step':>18}  collectives")
     for r in rows:

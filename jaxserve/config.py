@@ -181,6 +181,9 @@ class EngineConfig:
                              f"Scheduler object")
         if self.adapter_memory not in ADAPTER_MEMORY:
             raise ValueError(f"adapter_memory={self.adapter_memory!r} is invalid; allowed: {', '.join(ADAPTER_MEMORY)}")
+        if self.adapter_memory == "padded" and self.tensor_parallel_size > 1:
+            raise ValueError(f"adapter_memory='padded' is invalid with tensor_parallel_size={self.tensor_parallel_size}"
+                             f"; allowed: 'unified' or 'separate' (the padded baseline is single-device)")
         region = self.adapter_region_pages
         if region is not None and not (isinstance(region, int) and not isinstance(region, bool) and region >= 1):
             raise ValueError(f"adapter_region_pages={region!r} is invalid; allowed: None or an integer >= 1")

@@ -18,10 +18,12 @@ import dataclasses
 import logging
 import threading
 import time
+from functools import partial
 from typing import AsyncIterator, Callable, Iterator
 
 from jaxserve.batching import BatchScheduler
 from jaxserve.config import EngineConfig
+from jaxserve.distributed.lora_layout import lora_view, pack_split
 from jaxserve.distributed.tensor_parallel import POOL_SPEC
 from jaxserve.intake import NewAdapters, RequestIntake
 from jaxserve.loading import adapter_region, load_model, pool_pages
@@ -74,8 +76,11 @@ class Engine:
         logger.info("%s pool: %d pages of %d tokens = %.1f MiB (%d tokens of KV if no adapter)",
                     config.adapter_memory, num_pages, config.page_size, self.device_pool.nbytes / 2**20,
                     self.pool.capacity(KV) * config.page_size)
-        self.adapters = AdapterStore(cfg, self.pool, self.device_pool, config.max_lora_rank, self.dtype,
-                                     config.lora_modules, padded=config.adapter_memory == "padded")
+        # Under TP each device holds its slice of every adapter's features (distributed/lora_layout.py).
+        split = {} if tp is None else dict(pack=partial(pack_split, model_cfg=cfg, n=tp.size))
+        self.adapters = AdapterStore(lora_view(tp.cfg, tp.size) if tp else cfg, self.pool, self.device_pool,
+                                     config.max_lora_rank, self.dtype, config.lora_modules,
+                                     padded=config.adapter_memory == "padded", **split)
         self.kv = KVManager(self.pool, self.adapters, watermark_pages=max(1, self.pool.capacity(KV) // 100),
                             max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.pool.pages_for(self.max_model_len),
                             max_loras=config.max_loras)
@@ -87,7 +92,7 @@ class Engine:
         self.batcher = BatchScheduler(self.scheduler, self.kv, max_num_seqs=config.max_num_seqs,
                                       max_num_batched_tokens=config.max_num_batched_tokens)
         self.intake = RequestIntake(cfg, self.tokenizer, self.max_model_len, self.pool, self.adapters,
-                                    config.max_lora_rank, config.seed, config.tensor_parallel_size)
+                                    config.max_lora_rank, config.seed)
         self._streams = AsyncStreams(self)
         self._requests: dict[str, Sequence] = {}  # unfinished (or not yet reported) requests by id
         self._aborted: list[Sequence] = []        # ended outside a step's tokens: reported next step

@@ -27,12 +27,11 @@ NewAdapters = dict[str, tuple[LoRARequest, PeftAdapter, int]]
 
 class RequestIntake:
     def __init__(self, model_config: ModelConfig, tokenizer: Tokenizer | None, max_model_len: int,
-                 pool: PagePool, adapters: AdapterStore, max_lora_rank: int, seed: int, tensor_parallel_size: int = 1):
+                 pool: PagePool, adapters: AdapterStore, max_lora_rank: int, seed: int):
         self.model_config, self.tokenizer, self.max_model_len = model_config, tokenizer, max_model_len
         self.pool, self.adapters, self.max_lora_rank = pool, adapters, max_lora_rank
         self._seed_rng = np.random.default_rng(seed)  # seeds of requests that give none
         self._order = itertools.count()  # admission tie-break: the order requests came in
-        self.tensor_parallel_size = tensor_parallel_size
 
     def load_new_adapters(self, requests) -> NewAdapters:
         """Load and validate every adapter not yet registered (with the pages each would take)."""
@@ -42,10 +41,6 @@ class RequestIntake:
                 continue
             if not isinstance(req, LoRARequest):
                 raise ValueError(f"lora_request {req!r} is invalid; allowed: None or a LoRARequest")
-            if self.tensor_parallel_size > 1:
-                raise ValueError(f"lora_request {req.lora_name!r} cannot be served: LoRA adapters are not supported "
-                                 f"with tensor_parallel_size={self.tensor_parallel_size} yet; allowed: "
-                                 f"tensor_parallel_size=1 for LoRA requests")
             known = (self.adapters.request_of(req.lora_name) if req.lora_name in self.adapters
                      else loaded.get(req.lora_name, (None,))[0])
             if known is not None:

@@ -146,9 +146,7 @@ class ModelRunner:
         variants = []
         for tokens in self.token_buckets:
             plans = [self.plan(tokens, None)]
-            if self.tp is not None:  # (no LoRA under tensor parallelism yet: intake refuses it)
-                pass
-            elif self.backend.lora_tiles:
+            if self.backend.lora_tiles:
                 plans += [self.plan(tokens, None)._replace(lora_tiles=n, tile_size=size)
                           for n, size in lora_tile_options(tokens, self.max_loras)]
             else:

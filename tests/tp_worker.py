@@ -17,7 +17,7 @@ import sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 os.environ["JAXSERVE_WARMUP"] = "0"
 
-from conftest import FIXTURES, TINY, lora_request  # noqa: E402  (after XLA_FLAGS)
+from conftest import ADAPTERS, FIXTURES, TINY, lora_request  # noqa: E402  (after XLA_FLAGS)
 
 import numpy as np  # noqa: E402
 
@@ -27,20 +27,22 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprob
 SIZES = (1, 2, 4)
 
 
-def generate(llm, prompts):
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+def generate(llm, prompts, loras=None):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, loras, use_tqdm=False)
     return [{"ids": o.outputs[0].token_ids,
              "top5": [sorted(step.items(), key=lambda kv: -kv[1])[:5] for step in o.outputs[0].logprobs]}
             for o in outs]
 
 
-def collectives(llm) -> list[tuple[str, str]]:
-    """(op, result shape) of every collective in the compiled step for a 16-token batch."""
+def collectives(llm, lora: bool = False) -> list[tuple[str, str]]:
+    """(op, result shape) of every collective in the compiled step for a 16-token batch (with
+    LoRA: every token through an adapter, the tables of max_loras adapters)."""
     from jaxserve.packed import PackedBatch
     runner = llm.engine.runner
     batch = PackedBatch.empty(16, runner.max_num_seqs, runner.page_buckets[-1])
-    plan = runner.plan(16, None)
-    hlo = runner._forward.func.lower(runner.params, runner.device_pool.array, batch, runner._last_tokens, None, None,
+    plan = runner.plan(16, np.zeros(16, np.int32) if lora else None)
+    tables = runner.adapters.stacked_tables([], runner.max_loras) if lora else (None, None)
+    hlo = runner._forward.func.lower(runner.params, runner.device_pool.array, batch, runner._last_tokens, *tables,
                                      plan=plan, num_logits=runner.num_logits(16),
                                      **runner._forward.keywords).compile().as_text()
     found = re.findall(r"= (\S+) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\(", hlo)
@@ -67,13 +69,32 @@ def main(out_path: str, random_model: str) -> None:
                                           "preemptions": llm.engine.num_preemptions}
             if name == "tiny-llama" and size == 2:
                 result["collectives"] = collectives(llm)
-                try:
-                    llm.generate("hello", GREEDY, lora_request("qv-r4"))
-                    result["lora_error"] = None
-                except ValueError as e:
-                    result["lora_error"] = str(e)
-                result["after_error"] = generate(llm, prompts[:1])
+                result["lora_collectives"] = collectives(llm, lora=True)
             del llm
+    # LoRA under TP: the fixture adapters (ranks 4/8/16; q/v, all seven modules, a regex
+    # pattern) and the base model mixed in one batch, at every size.
+    result["lora"] = {}
+    for size in SIZES:
+        llm = LLM(str(TINY), max_model_len=64, tensor_parallel_size=size, max_loras=4, max_lora_rank=16)
+        names = ["base", *ADAPTERS]
+        cases = [(a, p) for a in names for p in golden["tiny-llama"][a]["prompts"]]
+        outs = generate(llm, [p for _, p in cases], [None if a == "base" else lora_request(a) for a, _ in cases])
+        result["lora"][size] = {"names": [a for a, _ in cases], "outputs": outs,
+                                "loads": llm.engine.adapters.metrics()["adapter_loads"]}
+        del llm
+    # Load / evict / reload under TP: one adapter per batch in a pool with room for few, the
+    # Pallas kernels (interpreted) at TP 2; then every resident adapter's pages, read back from
+    # all devices, must equal its host copy.
+    llm = LLM(str(TINY), max_model_len=64, tensor_parallel_size=2, max_loras=1, max_lora_rank=16, num_pool_pages=12,
+              kernels="pallas-interpret")
+    cases = [(a, i) for a in [*ADAPTERS, *ADAPTERS] for i in (0, 1)]
+    outs = [generate(llm, [golden["tiny-llama"][a]["prompts"][i]], [lora_request(a)])[0] for a, i in cases]
+    store = llm.engine.adapters
+    pool = np.asarray(llm.engine.device_pool.array)
+    intact = [bool(np.array_equal(pool[:, :, s.pages], s.rows)) for s in store._adapters.values() if s.pages]
+    result["evict"] = {"cases": cases, "outputs": outs, "intact": intact,
+                       "loads": store.loads, "evictions": store.evictions}
+    del llm
     # Warm-up compiles every variant for the mesh: serving then compiles nothing (the step's
     # inputs and the sampler's logits are where warm-up assumed: replicated over the devices).
     from jaxserve import runtime

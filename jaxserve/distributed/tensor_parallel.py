@@ -49,6 +49,9 @@ class TensorParallel:
             raise ValueError(f"tensor_parallel_size={size!r} is invalid: {len(devices)} local "
                              f"{jax.default_backend()} device(s) exist; allowed: 1..{len(devices)} (on a CPU, "
                              f"XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported)")
+        if cfg.hidden_size % size:  # (adapter rank-rows are split by features: hidden among them)
+            raise ValueError(f"tensor_parallel_size={size!r} is invalid for this model: its hidden_size "
+                             f"{cfg.hidden_size} does not split into {size} equal parts; allowed: a divisor of it")
         mesh = Mesh(np.array(devices[:size]), (AXIS,))
         laid_out = laid_out_config(cfg, size)
         return cls(mesh, size, laid_out, local_config(laid_out, size), VOCAB_PARALLEL)

@@ -39,8 +39,10 @@ class StoredAdapter:
 
 class AdapterStore:
     def __init__(self, cfg: ModelConfig, pool: PagePool, device: DevicePool, max_lora_rank: int, dtype,
-                 modules: tuple[str, ...] = LORA_MODULES, padded: bool = False):
-        self.cfg, self.pool, self.device = cfg, pool, device
+                 modules: tuple[str, ...] = LORA_MODULES, padded: bool = False, pack=pack_rows):
+        """cfg: the shapes adapters are laid out for (under tensor parallelism one device's view,
+        distributed/lora_layout.py, whose pack_split is then `pack`)."""
+        self.cfg, self.pool, self.device, self._pack = cfg, pool, device, pack
         self.max_lora_rank, self.dtype, self.modules = max_lora_rank, dtype, modules
         # The padded-slot baseline (EngineConfig.adapter_memory="padded"): every adapter stored and
         # computed at max_lora_rank on every module, as fixed slots hold them.
@@ -82,7 +84,7 @@ class AdapterStore:
     def register(self, request: LoRARequest, adapter: PeftAdapter) -> None:
         layout = self.check(request, adapter)
         adapter = self._stored_form(adapter)
-        rows = pack_rows(adapter, layout, self.cfg, self.pool.page_size, self.dtype)
+        rows = self._pack(adapter, layout, self.cfg, self.pool.page_size, self.dtype)
         local, ranks = local_rows(layout, self.tables, self.cfg)
         self._adapters[request.lora_name] = StoredAdapter(request, layout, rows, local, ranks)
 

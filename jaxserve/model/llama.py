@@ -111,7 +111,9 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
         def proj(x, *names):  # weights are keyed "q", LoRA modules "q_proj" (PEFT's names)
             ys = [jnp.dot(x, w[name], preferred_element_type=jnp.float32) for name in names]
             adapted = [i for i, name in enumerate(names) if lora is not None and name + "_proj" in lora]
-            if adapted:  # projections of one input share the LoRA op (one shrink for all)
+            if adapted and tp_axis is not None:
+                ys = _tp_lora(ys, x, names, adapted, pool, index, meta, op, tp_axis, h.shape[-1])
+            elif adapted:  # projections of one input share the LoRA op (one shrink for all)
                 deltas = op.lora_deltas(x, pool, index, meta, tuple(names[i] + "_proj" for i in adapted),
                                         tuple(ys[i].shape[-1] for i in adapted))
                 for i, delta in zip(adapted, deltas):
@@ -156,6 +158,28 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
     if vocab_split:  # each device has its slice of the vocabulary's logits: gather, drop the padding
         logits = jax.lax.all_gather(logits, tp_axis, axis=1, tiled=True)[:, :cfg.vocab_size]
     return logits, pool
+
+
+def _tp_lora(ys, x, names, adapted, pool, layer, meta, op, axis: str, hidden: int):
+    """LoRA under tensor parallelism (distributed/lora_layout.py stores the adapters): every
+    device holds the slice d of each rank-row's features — of A's inputs and of B's outputs — so
+    its shrink over its slice of the input is a partial sum, all-reduced ([T, r]: the only extra
+    communication), and its expand gives its slice of the outputs. Column-parallel modules take
+    their input slice of the replicated x and produce exactly their output columns; row-parallel
+    ones (o, down) already hold their input slice, and their output slice goes into the partial
+    sum that the base all-reduce then completes (S-LoRA's row scheme, riding that all-reduce)."""
+    n, d = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
+    row = names[0] in ROW_PARALLEL
+    x_local = x if row else jax.lax.dynamic_slice_in_dim(x, d * (x.shape[-1] // n), x.shape[-1] // n, axis=1)
+    widths = tuple(hidden // n if row else ys[i].shape[-1] for i in adapted)
+    deltas = op.lora_deltas(x_local, pool, layer, meta, tuple(names[i] + "_proj" for i in adapted), widths,
+                            reduce_shrink=lambda s: jax.lax.psum(s, axis))
+    ys = list(ys)
+    for i, delta in zip(adapted, deltas):
+        if row:  # this device's slice of the hidden outputs, zeros elsewhere: summed by the base psum
+            delta = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(ys[i]), delta, d * (hidden // n), axis=1)
+        ys[i] = ys[i] + delta
+    return ys
 
 
 def _embed_split(embed, token_ids, axis: str):

@@ -322,7 +322,8 @@ def _prepare(x, pool, layer, a_rows, ranks, token_adapter):
 
 
 def lora_delta_mbgmv(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features, *, interpret=False,
-                     rank_block=16, block_w=256, block_out=128, num_warps=4, num_stages=2, poison=False):
+                     rank_block=16, block_w=256, block_out=128, num_warps=4, num_stages=2, poison=False,
+                     reduce_shrink=None):
     """Decode variant (per-token gathers). Same convention as reference.lora_delta."""
     if a_rows.shape[0] == 0 or a_rows.shape[1] == 0:
         return jnp.zeros((x.shape[0], out_features), _F32)
@@ -330,13 +331,14 @@ def lora_delta_mbgmv(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_f
     common = dict(num_warps=num_warps, num_stages=num_stages, interpret=interpret, poison=poison)
     v = mbgmv_shrink(x, pool, layer, a_rows.astype(jnp.int32), ranks, token_adapter, rank_block=rank_block,
                      block_w=block_w, **common)
+    v = v if reduce_shrink is None else reduce_shrink(v)
     y = mbgmv_expand(v, pool, layer, b_rows.astype(jnp.int32), ranks, token_adapter, block_out=block_out, **common)
     return y[:, :out_features]
 
 
 def lora_delta_sgmv(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features, *, interpret=False,
                     block_tokens=16, rank_block=16, block_w=64, block_out=64, num_warps=4, num_stages=2,
-                    poison=False):
+                    poison=False, reduce_shrink=None):
     """Prefill variant (adapter segments, grouped matmuls). Same convention as reference.lora_delta."""
     if a_rows.shape[0] == 0 or a_rows.shape[1] == 0:
         return jnp.zeros((x.shape[0], out_features), _F32)
@@ -347,13 +349,14 @@ def lora_delta_sgmv(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_fe
                   interpret=interpret, poison=poison)
     v = sgmv_shrink(x, pool, layer, a_rows.astype(jnp.int32), ranks, tile_adapter, tile_tokens, block_w=block_w,
                     **common)
+    v = v if reduce_shrink is None else reduce_shrink(v)
     y = sgmv_expand(v, pool, layer, b_rows.astype(jnp.int32), ranks, tile_adapter, block_out=block_out, **common)
     # Back to the original token order; tokens without an adapter get zeros.
     return jnp.where((token_adapter >= 0)[:, None], y[padded_pos, :out_features], 0.0)
 
 
 def lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features, *, interpret=False,
-               decode_max_tokens=DECODE_MAX_TOKENS, **knobs):
+               decode_max_tokens=DECODE_MAX_TOKENS, reduce_shrink=None, **knobs):
     """reference.lora_delta's convention; MBGMV for T <= decode_max_tokens (decode batches), SGMV
     above (prefill). knobs: tuning keywords of the chosen variant (those the other does not take
     are dropped, so one knob dict can serve both)."""
@@ -363,4 +366,4 @@ def lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_feature
         fn, names = lora_delta_sgmv, ("block_tokens", "rank_block", "block_w", "block_out", "num_warps",
                                       "num_stages", "poison")
     return fn(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features, interpret=interpret,
-              **{k: v for k, v in knobs.items() if k in names})
+              reduce_shrink=reduce_shrink, **{k: v for k, v in knobs.items() if k in names})

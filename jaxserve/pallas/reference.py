@@ -65,7 +65,7 @@ def gather_rank_rows(pool, layer, rows, width):
     return gathered.reshape(*rows.shape[:-1], rows.shape[-1] * row_width)[..., :width]
 
 
-def lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features):
+def lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features, reduce_shrink=None):
     """Heterogeneous multi-LoRA read straight from the unified pool:
     y[t] = (x[t] A_s^T) B_s for s = token_adapter[t], 0 where s < 0.
 
@@ -76,6 +76,8 @@ def lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_feature
     b_rows:        [n, R, chunks(out)] likewise for B^T (scaling folded in)
     ranks:         [n] int32; rank-rows at or past an adapter's rank are ignored (R = max rank)
     token_adapter: [T] int32, index into the n active adapters, -1 for none
+    reduce_shrink: applied to the [T, R] shrink before the expand (tensor parallelism: each
+                   device holds a slice of A's input features, so its shrink is a partial sum)
     returns        [T, out_features] float32
 
     Each token gathers its own adapter's rows from the pool (as MBGMV does), so the cost does not
@@ -87,5 +89,6 @@ def lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_feature
     a = gather_rank_rows(pool, layer, a_rows[which], x.shape[-1])                                 # [T, R, in]
     shrunk = jnp.einsum("ti,tri->tr", x, a.astype(x.dtype), preferred_element_type=jnp.float32)
     shrunk = jnp.where(live, shrunk, 0.0)  # rows past the rank may hold any other page's data
+    shrunk = shrunk if reduce_shrink is None else reduce_shrink(shrunk)
     b = gather_rank_rows(pool, layer, b_rows[which], out_features)                                # [T, R, out]
     return jnp.einsum("tr,tro->to", shrunk, jnp.where(live[..., None], b, 0).astype(jnp.float32))

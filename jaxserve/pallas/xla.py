@@ -97,7 +97,7 @@ def _prepare_lora(lora_ids, lora, plan: StepPlan) -> dict:
     }
 
 
-def lora_deltas(x, pool, layer, meta, modules: tuple[str, ...], out_features: tuple[int, ...]):
+def lora_deltas(x, pool, layer, meta, modules: tuple[str, ...], out_features: tuple[int, ...], reduce_shrink=None):
     """For modules that share the input x (q/k/v; gate/up): y_m[t] = (x[t] A_s^T) B_s for the
     token's adapter s, 0 for tokens without one; a tuple of [T, out_m] float32. One tile gather
     of x and ONE shrink matmul over the modules' rank-rows side by side, then one expand each."""
@@ -110,6 +110,7 @@ def lora_deltas(x, pool, layer, meta, modules: tuple[str, ...], out_features: tu
     a = gather_rank_rows(pool, layer, a_rows, x.shape[-1]).astype(x.dtype)              # [M, sum R, in]
     shrunk = jnp.einsum("mgi,mri->mgr", xt, a, preferred_element_type=jnp.float32)
     shrunk = jnp.where(live[:, None, :], shrunk, 0.0)  # rank-rows past a rank may hold anything
+    shrunk = shrunk if reduce_shrink is None else reduce_shrink(shrunk)  # (TP: one for the modules)
     outs, start = [], 0
     for t, width in zip(ts, out_features):
         rank = t["live"].shape[1]
