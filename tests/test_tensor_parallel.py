@@ -147,3 +147,9 @@ def test_tp_size_the_devices_cannot_give_is_a_clear_error(size):
     from jaxserve import LLM
     with pytest.raises(ValueError, match=f"tensor_parallel_size={size}"):
         LLM(str(TINY), tensor_parallel_size=size)
+
+
+def test_padded_baseline_under_tp_is_a_clear_error():
+    from jaxserve.config import EngineConfig
+    with pytest.raises(ValueError, match="adapter_memory='padded' is invalid with tensor_parallel_size=2"):
+        EngineConfig(model="tiny", tensor_parallel_size=2, adapter_memory="padded")
