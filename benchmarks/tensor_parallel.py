@@ -7,7 +7,8 @@ bytes the step's collectives move, for each TP size, side by side.
 
 Each TP size runs in a fresh process (on a CPU with XLA_FLAGS=--xla_force_host_platform_device_count
 = the largest size, so every run sees the same devices): load + compile, then one greedy batch of
---requests prompts (random token ids), run once untimed (first uses of shapes trace), then timed. Reported per size: output tok/s and its
+--requests prompts (random token ids; with --adapters, round-robin over random adapters), run
+once untimed (first uses of shapes trace), then timed. Reported per size: output tok/s and its
 ratio to TP 1, peak RSS of the process (ru_maxrss: on a CPU the devices' memory is host memory,
 so the params and the pool count too) and, from the compiled step of a decode batch
 (max_num_seqs tokens), every collective with its result shape and bytes. Tokens must agree with

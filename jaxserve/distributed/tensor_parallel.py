@@ -4,11 +4,13 @@ o/down by input rows (row-parallel: each device's partial sum, then one all-redu
 layer costs two all-reduces of [T, hidden]. The embedding and lm_head are split over the
 vocabulary (VOCAB_PARALLEL, as vLLM's VocabParallelEmbedding / ParallelLMHead: rows padded to a
 multiple of N; one all-reduce of [T, hidden] for the lookup and one all-gather of the logits per
-step, against 1/N of their memory); the final norm is replicated. The unified pool is split by KV head along its row (jaxserve/distributed/heads.py lays heads out so
-every device holds whole KV heads and the query heads that read them).
+step, against 1/N of their memory); the norms are replicated. The unified pool is split by KV
+head along its row (jaxserve/distributed/heads.py lays heads out so every device holds whole KV
+heads and the query heads that read them); adapters are split by features in the same pages
+(distributed/lora_layout.py).
 
 The step runs under shard_map: inside, each device sees its own shard and the model code runs on
-the local config (heads and MLP width / N), with the two psums llama.forward adds when given the
+the local config (heads and MLP width / N) with the collectives llama.forward adds when given the
 axis name; the batch, the adapters' tables and the logits are replicated.
 """
 from __future__ import annotations

@@ -190,5 +190,3 @@ def _embed_split(embed, token_ids, axis: str):
     mine = (local >= 0) & (local < rows)
     h = jnp.where(mine[:, None], embed[jnp.clip(local, 0, rows - 1)], 0)
     return jax.lax.psum(h, axis)
-
-
