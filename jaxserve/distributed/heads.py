@@ -65,20 +65,21 @@ def local_config(cfg: ModelConfig, n: int) -> ModelConfig:
                                intermediate_size=cfg.intermediate_size // n)
 
 
-def _take_heads(w, src: tuple[int, ...], head_dim: int, axis: int):
-    """w's head blocks (head_dim wide along axis) in src order; -1 gives zeros."""
+def take_heads(w, src: tuple[int, ...], head_dim: int, axis: int, xp=jnp):
+    """w's head blocks (head_dim wide along axis) in src order; -1 gives zeros. xp: jax.numpy for
+    params on the device, numpy for adapters on the host (distributed/lora_layout.py)."""
     index = np.array([max(s, 0) * head_dim + i for s in src for i in range(head_dim)])
     keep = np.repeat(np.array(src) >= 0, head_dim)
-    out = jnp.take(w, index, axis=axis)
+    out = xp.take(w, index, axis=axis)
     shape = [1] * w.ndim
     shape[axis % w.ndim] = len(index)
-    return out * jnp.asarray(keep.reshape(shape), w.dtype)
+    return out * xp.asarray(keep.reshape(shape), w.dtype)
 
 
-def _pad_axis(w, size: int, axis: int):
+def pad_axis(w, size: int, axis: int, xp=jnp):
     pad = [(0, 0)] * w.ndim
     pad[axis % w.ndim] = (0, size - w.shape[axis])
-    return jnp.pad(w, pad)
+    return xp.pad(w, pad)
 
 
 def lay_out_param(name: str, w, cfg: ModelConfig, n: int):
@@ -87,11 +88,11 @@ def lay_out_param(name: str, w, cfg: ModelConfig, n: int):
     plan = head_plan(cfg.num_heads, cfg.num_kv_heads, n)
     inter = padded_intermediate(cfg.intermediate_size, n)
     if name in ("q", "q_bias") and not plan.identity:
-        return _take_heads(w, plan.q_src, cfg.head_dim, axis=-1)
+        return take_heads(w, plan.q_src, cfg.head_dim, axis=-1)
     if name in ("k", "v", "k_bias", "v_bias") and not plan.identity:
-        return _take_heads(w, plan.kv_src, cfg.head_dim, axis=-1)
+        return take_heads(w, plan.kv_src, cfg.head_dim, axis=-1)
     if name == "o" and not plan.identity:
-        return _take_heads(w, plan.q_src, cfg.head_dim, axis=1)
+        return take_heads(w, plan.q_src, cfg.head_dim, axis=1)
     if name in ("gate", "up", "down") and inter != cfg.intermediate_size:
-        return _pad_axis(w, inter, -1 if name != "down" else 1)
+        return pad_axis(w, inter, -1 if name != "down" else 1)
     return w

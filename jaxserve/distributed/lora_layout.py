@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 
 from jaxserve.config import ModelConfig
-from jaxserve.distributed.heads import head_plan, padded_intermediate
+from jaxserve.distributed.heads import head_plan, pad_axis, padded_intermediate, take_heads
 from jaxserve.lora.layout import AdapterLayout, pack_rows
 from jaxserve.lora.peft import LoRAWeights, PeftAdapter
 
@@ -30,16 +30,11 @@ def lora_view(laid_out: ModelConfig, n: int) -> ModelConfig:
 
 
 def _heads(m: np.ndarray, src: tuple[int, ...], head_dim: int) -> np.ndarray:
-    """m's columns in head blocks, in src order (-1: zeros): the model's head layout, heads.py."""
-    out = np.zeros((m.shape[0], len(src) * head_dim), m.dtype)
-    for i, s in enumerate(src):
-        if s >= 0:
-            out[:, i * head_dim:(i + 1) * head_dim] = m[:, s * head_dim:(s + 1) * head_dim]
-    return out
+    return take_heads(m, src, head_dim, axis=1, xp=np)
 
 
 def _pad(m: np.ndarray, width: int) -> np.ndarray:
-    return np.pad(m, ((0, 0), (0, width - m.shape[1])))
+    return pad_axis(m, width, axis=1, xp=np)
 
 
 def lay_out_adapter(adapter: PeftAdapter, cfg: ModelConfig, n: int) -> PeftAdapter:
