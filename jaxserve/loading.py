@@ -41,21 +41,23 @@ def load_model(config: EngineConfig) -> LoadedModel:
     dtype = resolve_dtype(config.dtype)
     max_model_len = config.max_model_len
     path = None if random_weights.is_random(config.model) else weights.resolve_model(config.model)
-    hf_config = (random_weights.random_config(config.model) if path is None else weights.read_config(path))
+    is_gguf = path is not None and path.suffix == ".gguf"
+    if is_gguf:  # (its metadata is read once: ~1 s for SmolLM2's)
+        hf_config, loaded, gguf_model = weights.load_gguf_params(path)
+    else:
+        hf_config = random_weights.random_config(config.model) if path is None else weights.read_config(path)
     cfg = ModelConfig.from_hf(hf_config)
     tp = TensorParallel.create(config.tensor_parallel_size, cfg) if config.tensor_parallel_size > 1 else None
     place = (lambda key, w: tp.place(key, w, cfg)) if tp else None
     tokenizer = None
     if path is None:
         params = weights.hf_to_params(cfg, random_weights.RandomTensors(cfg, dtype, config.seed), dtype, place)
-    elif path.suffix == ".gguf":
-        hf_config, params, gguf = weights.load_gguf_params(path)
-        params = _cast_and_place(params, dtype, place)
-        tokenizer = Tokenizer(gguf.tokenizer, gguf.chat_template, gguf.bos_token, gguf.eos_token,
-                              cfg.eos_token_ids)
+    elif is_gguf:
+        params = _cast_and_place(loaded, dtype, place)
+        tokenizer = Tokenizer(gguf_model.tokenizer, gguf_model.chat_template, gguf_model.bos_token,
+                              gguf_model.eos_token, cfg.eos_token_ids)
     else:
-        hf_config, tensors = weights.read_hf_folder(path)
-        params = weights.hf_to_params(cfg, tensors, dtype, place)  # streamed: tensor by tensor, cast on the device
+        params = weights.hf_to_params(cfg, weights.SafetensorsFolder(path), dtype, place)  # streamed: tensor by tensor, cast on the device
         tokenizer = (Tokenizer.from_hf_folder(path, cfg.eos_token_ids)
                      if (path / "tokenizer.json").exists() else None)
         window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
