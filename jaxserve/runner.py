@@ -110,7 +110,6 @@ class ModelRunner:
         self.kernels = kernels
         # params: split over tp's mesh when given (loading.load_model placed them), each device
         # then running the local config.
-        self.tp = tp
         self._forward = (partial(_jitted_forward, cfg=cfg, kernels=kernels, lora_layout=adapters.tables) if tp is None
                          else partial(_jitted_forward_tp, cfg=tp.local_cfg, kernels=kernels,
                                       lora_layout=adapters.tables, tp=tp))
