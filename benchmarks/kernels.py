@@ -319,7 +319,7 @@ def lora_setup(cfg, num_adapters, batch, rng, extra_pages):
     active, token_adapter = np.unique(which, return_inverse=True)
     flat, mod_ranks = [], []
     for s in active:
-        local, rk = lay.local_rows(layouts[s], tables, cfg)
+        local, rk = lay.local_rows(layouts[s], tables)
         flat.append(lay.pool_rows(local, list(perm[starts[s]:starts[s + 1]]), num_pool_pages, PAGE_SIZE))
         mod_ranks.append(rk)
     split = lay.split_tables(np.stack(flat), np.stack(mod_ranks).astype(np.int32), tables)

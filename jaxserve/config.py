@@ -97,6 +97,11 @@ class ModelConfig:
             "o_proj": (self.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
         }[module]
 
+    def rank_parts(self, module: str) -> int:
+        """Over how many devices a module's LoRA rank is split: 1 (tensor parallelism's adapter
+        view, distributed/lora_layout.py, splits column-parallel modules' ranks)."""
+        return 1
+
 
 ADAPTER_MEMORY = ("unified", "separate", "padded")
 

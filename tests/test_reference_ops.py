@@ -62,7 +62,7 @@ def test_lora_delta_from_pool_pages_mixed_ranks(page_size):
     for adapter, layout in zip(adapters, layouts):
         pages = [int(free.pop()) for _ in range(layout.num_pages)]
         pool[:, :, pages] = pack_rows(adapter, layout, cfg, page_size, np.float32)
-        local, module_ranks = local_rows(layout, table_spec, cfg)
+        local, module_ranks = local_rows(layout, table_spec)
         flat.append(pool_rows(local, pages, num_pages, page_size))
         ranks.append(module_ranks)
     tables = split_tables(np.stack(flat), np.stack(ranks), table_spec)

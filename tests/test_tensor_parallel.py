@@ -90,17 +90,19 @@ def test_step_communicates_what_megatron_says(tp):
                          + [(f"f32[16,{config['vocab_size']}]", "all-gather")]), ops
 
 
-def test_lora_adds_one_all_reduce_of_the_shrink_per_lora_op(tp):
-    # Each device shrinks over its slice of the input features: a partial [tokens, rank] sum,
-    # all-reduced once per LoRA op — q/k/v together (3 x R rank columns, R = max_lora_rank 16),
-    # o (R), gate/up (2R), down (R) — in the xla backend's tile layout [tiles, tile, ranks].
-    # Nothing else is added: B's slices are the device's output columns.
+def test_lora_adds_s_lora_s_collectives_one_per_lora_op(tp):
+    # S-LoRA's scheme at TP 2 (R = max_lora_rank 16, the xla backend's tile layout [tiles, tile,
+    # ...]): column-parallel modules hold a share of the rank (R / 2 = 8 rank-rows each), so their
+    # shrinks are all-gathered into [.., 2 devices, ranks] — q/k/v together (3 x 8), gate/up (2 x
+    # 8); row-parallel ones (o, down) hold a slice of the inputs, so their [.., R] partial shrinks
+    # are all-reduced. Nothing else is added: B's slices are the device's output columns, and
+    # the row modules' deltas ride the base all-reduce.
     base = [tuple(c) for c in tp["collectives"]]
     extra = [tuple(c) for c in tp["lora_collectives"]]
     for c in base:
         extra.remove(c)
-    assert sorted(int(shape.rstrip("]").split(",")[-1]) for shape, op in extra) == [16, 16, 32, 48], extra
-    assert {op for _, op in extra} == {"all-reduce"}
+    dims = sorted((op, tuple(int(d) for d in shape[4:-1].split(",")[2:])) for shape, op in extra)
+    assert dims == [("all-gather", (2, 16)), ("all-gather", (2, 24)), ("all-reduce", (16,)), ("all-reduce", (16,))], extra
 
 
 def test_adapters_evicted_and_reloaded_under_tp_keep_every_devices_rows(tp, golden):
@@ -112,7 +114,7 @@ def test_adapters_evicted_and_reloaded_under_tp_keep_every_devices_rows(tp, gold
 
 
 def test_mixed_adapters_in_one_batch_match_hf_at_every_tp_size(tp, golden):
-    # Each device holds its slice of every adapter's features; the shrinks are all-reduced.
+    # Each device holds its part of every adapter (S-LoRA's layout, distributed/lora_layout.py).
     for size, run in tp["lora"].items():
         seen = {}
         for name, out in zip(run["names"], run["outputs"]):

@@ -135,8 +135,8 @@ def test_lora_delta_matches_reference_and_float64(num_tokens, tile_size, adapter
         # A second module sharing x: the same pool rows, each adapter slot pointing at the next
         # adapter's rows (so a swapped or misaligned rank slice of the shared shrink shows).
         shift = (np.arange(len(RANKS)) + 1) % len(RANKS)
-        lora = {"m": {"a_rows": a_rows, "b_rows": b_rows, "rank": ranks},
-                "m2": {"a_rows": a_rows[shift], "b_rows": b_rows[shift], "rank": ranks[shift]}}
+        lora = {"m": {"a_rows": a_rows, "b_rows": b_rows, "rank": ranks, "b_rank": ranks},
+                "m2": {"a_rows": a_rows[shift], "b_rows": b_rows[shift], "rank": ranks[shift], "b_rank": ranks[shift]}}
         ids2 = np.where(ids >= 0, shift[np.maximum(ids, 0)], -1)
         x = rng.standard_normal((num_tokens, fan_in)).astype(np.float32)
         batch = Batch(*(np.zeros(num_tokens, np.int32),) * 4, np.zeros((1, 1), np.int32), ids,

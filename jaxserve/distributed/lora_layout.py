@@ -1,13 +1,17 @@
-"""Adapters under tensor parallelism: where each device's part of an adapter sits in the split
-pool. Every rank-row is split by features over the N devices — A by its inputs, B^T by its
-outputs, slice d on device d — so each device holds 1/N of every resident adapter, in its slice
-of the same pool pages (one page list, one free list). Column-parallel modules' B slices are
-exactly the device's output columns; row-parallel modules' A slices its input rows; the shrink
-over an input slice is a partial sum, all-reduced in the model (llama._tp_lora).
+"""Adapters under tensor parallelism, in S-LoRA's layout: where each device's part of an adapter
+sits in the split pool. Each device holds 1/N of every resident adapter, in its slice of the same
+pool pages (one page list, one free list):
+
+- column-parallel modules (q/k/v, gate/up): share d of A's rank-rows (rows d x r' .. (d+1) x r'
+  over all inputs, r' = ceil(r / N), the rank zero-padded to N x r') and device d's output
+  columns of every B^T row; the model all-gathers the [T, r'] shrinks (llama._tp_lora);
+- row-parallel modules (o, down): device d's input columns of A's rows (a partial shrink,
+  all-reduced) and its output columns of B^T's.
 
 On one device the layout is jaxserve/lora/layout.py's for `lora_view(cfg, n)`: the laid-out model
-with every LoRA fan-in and fan-out divided by N and the pool row of one device; the pages of the
-N devices' packs are concatenated along the row, which the split pool array hands back out.
+with the features of one device (column modules' A over the whole hidden size) and column modules'
+ranks split over N (rank_parts); the pages of the N devices' packs are concatenated along the row,
+which the split pool array hands back out.
 """
 from __future__ import annotations
 
@@ -20,13 +24,31 @@ from jaxserve.distributed.heads import head_plan, pad_axis, padded_intermediate,
 from jaxserve.lora.layout import AdapterLayout, pack_rows
 from jaxserve.lora.peft import LoRAWeights, PeftAdapter
 
+COLUMN_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
-def lora_view(laid_out: ModelConfig, n: int) -> ModelConfig:
-    """The shapes one device's adapter slices have (module_shape: fan-in and fan-out / N; kv_size:
-    its part of a pool row). Needs the hidden size divisible by N."""
-    return dataclasses.replace(laid_out, hidden_size=laid_out.hidden_size // n, num_heads=laid_out.num_heads // n,
-                               num_kv_heads=laid_out.num_kv_heads // n,
-                               intermediate_size=laid_out.intermediate_size // n)
+
+@dataclasses.dataclass(frozen=True)
+class LoRAView(ModelConfig):
+    """The shapes one device's adapter parts have: the model's config with heads, hidden and MLP
+    width / N (kv_size: its part of a pool row; module_shape: fan-out / N, and fan-in / N for
+    row-parallel modules — column-parallel ones read all of x) and column modules' ranks split
+    over the N devices."""
+    devices: int = 1
+
+    def module_shape(self, module: str) -> tuple[int, int]:
+        fan_in, fan_out = super().module_shape(module)
+        return (fan_in * self.devices if module in COLUMN_MODULES else fan_in), fan_out
+
+    def rank_parts(self, module: str) -> int:
+        return self.devices if module in COLUMN_MODULES else 1
+
+
+def lora_view(laid_out: ModelConfig, n: int) -> LoRAView:
+    """One device's adapter shapes for the laid-out model (hidden size divisible by N)."""
+    fields = {f.name: getattr(laid_out, f.name) for f in dataclasses.fields(ModelConfig)}
+    fields.update(hidden_size=laid_out.hidden_size // n, num_heads=laid_out.num_heads // n,
+                  num_kv_heads=laid_out.num_kv_heads // n, intermediate_size=laid_out.intermediate_size // n)
+    return LoRAView(**fields, devices=n)
 
 
 def _heads(m: np.ndarray, src: tuple[int, ...], head_dim: int) -> np.ndarray:
@@ -61,12 +83,21 @@ def lay_out_adapter(adapter: PeftAdapter, cfg: ModelConfig, n: int) -> PeftAdapt
     return dataclasses.replace(adapter, weights=weights)
 
 
-def device_slice(adapter: PeftAdapter, d: int, n: int) -> PeftAdapter:
-    """Device d's part: slice d of every rank-row's features, A's and B^T's."""
-    def part(m):
+def device_slice(adapter: PeftAdapter, layout: AdapterLayout, d: int, n: int) -> PeftAdapter:
+    """Device d's part (see the module docstring); every column module's rank zero-padded to the
+    layout's N x r' first, so its rank shares line up with the B^T rows the tables read."""
+    def columns(m):
         width = m.shape[1] // n
         return m[:, d * width:(d + 1) * width]
-    weights = {key: LoRAWeights(part(w.a), part(w.b), w.scaling) for key, w in adapter.weights.items()}
+
+    weights = {}
+    for key, w in adapter.weights.items():
+        spec = layout.modules[key[1]]
+        if key[1] in COLUMN_MODULES:
+            a, b = (np.pad(m, ((0, spec.b_rank - m.shape[0]), (0, 0))) for m in (w.a, w.b))
+            weights[key] = LoRAWeights(a[d * spec.a_rank:(d + 1) * spec.a_rank], columns(b), w.scaling)
+        else:
+            weights[key] = LoRAWeights(columns(w.a), columns(w.b), w.scaling)
     return dataclasses.replace(adapter, weights=weights)
 
 
@@ -75,5 +106,5 @@ def pack_split(adapter: PeftAdapter, layout: AdapterLayout, view: ModelConfig, p
     """The adapter's pages for the split pool, [L, 2, pages, page_size, N x view.kv_size]: each
     device's pack (layout.py's, on the view) side by side along the row."""
     laid_out = lay_out_adapter(adapter, model_cfg, n)
-    return np.concatenate([pack_rows(device_slice(laid_out, d, n), layout, view, page_size, dtype)
+    return np.concatenate([pack_rows(device_slice(laid_out, layout, d, n), layout, view, page_size, dtype)
                            for d in range(n)], axis=-1)

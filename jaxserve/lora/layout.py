@@ -6,6 +6,11 @@ ceil(width / row_width) consecutive pool rows, the tail zero-padded. Rows are nu
 adapter's pages: adapter row j lives in page pages[j // (2 * page_size)], half
 (j % (2 * page_size)) // page_size, offset j % page_size — and in every layer at the same place,
 each layer holding its own weights. Only real ranks take rows: no padding to the largest rank.
+
+A module whose rank is split over P devices (cfg.rank_parts: tensor parallelism's column-parallel
+modules, distributed/lora_layout.py) stores on each device its share of A's rank-rows,
+ceil(r / P), and all P shares' worth of B^T's rows (its output columns of them; zero-padded to
+P x ceil(r / P)).
 """
 from __future__ import annotations
 
@@ -22,6 +27,17 @@ class ModuleRows:
     rank: int        # largest rank of this module over the layers (0: module not adapted)
     a_offset: int    # first adapter row of A; rank-row i, chunk c is row a_offset + i * a_chunks + c
     b_offset: int
+    parts: int = 1   # devices its rank is split over (cfg.rank_parts)
+
+    @property
+    def a_rank(self) -> int:
+        """A's rank-rows held here: a device's share of the rank."""
+        return -(-self.rank // self.parts)
+
+    @property
+    def b_rank(self) -> int:
+        """B^T's rank-rows held here: every share's, each padded to a_rank."""
+        return self.rank if self.parts == 1 else self.parts * self.a_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,23 +51,34 @@ def chunks(width: int, row_width: int) -> int:
     return -(-width // row_width)
 
 
+def _rows(rank: int, module: str, cfg: ModelConfig) -> ModuleRows:
+    """The module's rows at offset 0 (a_offset 0; b_offset = A's row count; b_offset + B's row
+    count via module_rows)."""
+    parts = cfg.rank_parts(module)
+    fan_in = cfg.module_shape(module)[0]
+    return ModuleRows(rank, 0, -(-rank // parts) * chunks(fan_in, cfg.kv_size), parts)
+
+
+def module_rows(rank: int, module: str, cfg: ModelConfig) -> int:
+    """Adapter rows a module of this rank takes (A's and B^T's)."""
+    spec = _rows(rank, module, cfg)
+    return spec.b_offset + spec.b_rank * chunks(cfg.module_shape(module)[1], cfg.kv_size)
+
+
 def plan_layout(adapter: PeftAdapter, cfg: ModelConfig, page_size: int) -> AdapterLayout:
-    row_width, modules, row = cfg.kv_size, {}, 0
+    modules, row = {}, 0
     for module in LORA_MODULES:
         rank = max((w.a.shape[0] for (_, m), w in adapter.weights.items() if m == module), default=0)
-        fan_in, fan_out = cfg.module_shape(module)
-        a_offset = row
-        row += rank * chunks(fan_in, row_width)
-        modules[module] = ModuleRows(rank, a_offset, row)
-        row += rank * chunks(fan_out, row_width)
+        spec = _rows(rank, module, cfg)
+        modules[module] = dataclasses.replace(spec, a_offset=row, b_offset=row + spec.b_offset)
+        row += module_rows(rank, module, cfg)
     return AdapterLayout(modules, row, max(1, -(-row // (2 * page_size))))
 
 
 def slot_pages(cfg: ModelConfig, max_rank: int, modules, page_size: int) -> int:
     """Pages of the largest adapter an engine accepts (max_rank on every module): the size of one
     of vLLM's fixed adapter slots."""
-    rows = sum(max_rank * (chunks(i, cfg.kv_size) + chunks(o, cfg.kv_size))
-               for i, o in (cfg.module_shape(m) for m in modules))
+    rows = sum(module_rows(max_rank, m, cfg) for m in modules)
     return max(1, -(-rows // (2 * page_size)))
 
 
@@ -92,7 +119,10 @@ def pack_rows(adapter: PeftAdapter, layout: AdapterLayout, cfg: ModelConfig, pag
 @dataclasses.dataclass(frozen=True)
 class TableLayout:
     """How one adapter's pool-row ids are laid out in a flat vector, the same for every adapter of
-    a model (R = max_lora_rank): per module, A ids [R, chunks(in)] then B ids [R, chunks(out)]."""
+    a model (R = max_lora_rank): per module, A ids [R, chunks(in)] then B ids [R, chunks(out)]. A
+    module whose rank is split over P devices has A ids [ceil(R / P), chunks(in)] and B ids
+    [P x ceil(R / P), chunks(out)]: entry (p, i) is share p's rank-row i, where the gathered
+    shrink has it."""
     max_rank: int
     slices: dict[str, tuple[slice, tuple[int, int], slice, tuple[int, int]]]
     size: int
@@ -106,25 +136,37 @@ def table_layout(cfg: ModelConfig, max_rank: int, modules=LORA_MODULES) -> Table
     slices, at = {}, 0
     for module in modules:
         ca, cb = (chunks(w, cfg.kv_size) for w in cfg.module_shape(module))
-        a = slice(at, at + max_rank * ca)
-        b = slice(a.stop, a.stop + max_rank * cb)
-        slices[module], at = (a, (max_rank, ca), b, (max_rank, cb)), b.stop
+        spec = _rows(max_rank, module, cfg)
+        a = slice(at, at + spec.a_rank * ca)
+        b = slice(a.stop, a.stop + spec.b_rank * cb)
+        slices[module], at = (a, (spec.a_rank, ca), b, (spec.b_rank, cb)), b.stop
     return TableLayout(max_rank, slices, at)
 
 
-def local_rows(layout: AdapterLayout, tables: TableLayout, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(adapter-relative row id of every table entry [tables.size], rank of each module in
-    tables.slices [M]). Entries past a module's rank point at row 0; the LoRA op masks them."""
+def local_rows(layout: AdapterLayout, tables: TableLayout) -> tuple[np.ndarray, np.ndarray]:
+    """(adapter-relative row id of every table entry [tables.size], ranks [2M]: each module's
+    (of tables.slices) A rank-rows, then the B^T rank-rows its expand reads). Entries past a rank
+    point at row 0, which the LoRA op masks. A split module's expand reads all its B entries:
+    those past a share's rank point at row 0 too — the adapter's own (finite) weights, met by
+    shrink values that are exactly 0."""
     rows = np.zeros(tables.size, np.int64)
-    ranks = np.zeros(len(tables.slices), np.int32)
-    r = np.arange(tables.max_rank)[:, None]
+    ranks = np.zeros(2 * len(tables.slices), np.int32)
     for i, module in enumerate(tables.slices):
         spec = layout.modules[module]
-        a, (_, ca), b, (_, cb) = tables.slices[module]
-        live = r < spec.rank
-        rows[a] = np.where(live, spec.a_offset + r * ca + np.arange(ca), 0).ravel()
-        rows[b] = np.where(live, spec.b_offset + r * cb + np.arange(cb), 0).ravel()
-        ranks[i] = spec.rank
+        if spec.rank == 0:  # not adapted: rank 0, every entry row 0 (masked)
+            continue
+        a, (ra, ca), b, (rb, cb) = tables.slices[module]
+        r = np.arange(ra)[:, None]
+        rows[a] = np.where(r < spec.a_rank, spec.a_offset + r * ca + np.arange(ca), 0).ravel()
+        if spec.parts == 1:
+            r = np.arange(rb)[:, None]
+            rows[b] = np.where(r < spec.rank, spec.b_offset + r * cb + np.arange(cb), 0).ravel()
+            ranks[i], ranks[len(tables.slices) + i] = spec.rank, spec.rank
+        else:  # entry (p, i) -> share p's row i, stored at B row p * a_rank + i
+            p, r = np.divmod(np.arange(rb), ra)
+            row = spec.b_offset + (p * spec.a_rank + r)[:, None] * cb + np.arange(cb)
+            rows[b] = np.where((r < spec.a_rank)[:, None], row, 0).ravel()
+            ranks[i], ranks[len(tables.slices) + i] = spec.a_rank, rb
     return rows, ranks
 
 
@@ -138,11 +180,12 @@ def pool_rows(local: np.ndarray, pages: list[int], num_pool_pages: int, page_siz
 
 
 def split_tables(flat: np.ndarray, ranks: np.ndarray, tables: TableLayout) -> dict:
-    """Stacked [n, size] pool-row ids and [n, M] ranks -> the LoRA op's per-module tables
-    {module: {"a_rows": [n, R, ca], "b_rows": [n, R, cb], "rank": [n]}} (views, no copies).
+    """Stacked [n, size] pool-row ids and [n, 2M] ranks -> the LoRA op's per-module tables
+    {module: {"a_rows": [n, Ra, ca], "b_rows": [n, Rb, cb], "rank": [n], "b_rank": [n]}} (views,
+    no copies; Ra = Rb = R unless the module's rank is split, b_rank = rank unless it is).
     Works on numpy and on traced arrays: the runner splits inside the jitted step, so a batch
     sends two arrays to the device instead of three per module."""
-    n = flat.shape[0]
+    n, m = flat.shape[0], len(tables.slices)
     return {module: {"a_rows": flat[:, a].reshape(n, *a_shape), "b_rows": flat[:, b].reshape(n, *b_shape),
-                     "rank": ranks[:, i]}
+                     "rank": ranks[:, i], "b_rank": ranks[:, m + i]}
             for i, (module, (a, a_shape, b, b_shape)) in enumerate(tables.slices.items())}

@@ -31,7 +31,7 @@ class StoredAdapter:
     layout: AdapterLayout
     rows: np.ndarray                  # host copy, [L, 2, num_pages, page_size, row_width]
     local_rows: np.ndarray            # adapter-relative row of each LoRA table entry
-    ranks: np.ndarray                 # [7] rank of each LoRA module (0: not adapted)
+    ranks: np.ndarray                 # [2M] each LoRA module's A rank, then B's (layout.local_rows)
     pages: list[int] | None = None    # where it sits in the pool, None when not resident
     table: np.ndarray | None = None   # pool-row ids of each table entry while resident
     refcount: int = 0
@@ -85,7 +85,7 @@ class AdapterStore:
         layout = self.check(request, adapter)
         adapter = self._stored_form(adapter)
         rows = self._pack(adapter, layout, self.cfg, self.pool.page_size, self.dtype)
-        local, ranks = local_rows(layout, self.tables, self.cfg)
+        local, ranks = local_rows(layout, self.tables)
         self._adapters[request.lora_name] = StoredAdapter(request, layout, rows, local, ranks)
 
     def unregister(self, name: str) -> None:
@@ -203,9 +203,9 @@ class AdapterStore:
     # ---- for the forward ------------------------------------------------------------------
     def stacked_tables(self, names: list[str], bucket: int) -> tuple[np.ndarray, np.ndarray]:
         """The LoRA op's tables for the active adapters, padded to `bucket` with rank-0 rows, unsplit:
-        pool-row ids [bucket, tables.size] and ranks [bucket, M] (layout.split_tables splits them)."""
+        pool-row ids [bucket, tables.size] and ranks [bucket, 2M] (layout.split_tables splits them)."""
         flat = np.zeros((bucket, self.tables.size), np.int32)
-        ranks = np.zeros((bucket, len(self.modules)), np.int32)
+        ranks = np.zeros((bucket, 2 * len(self.modules)), np.int32)
         if names:
             flat[:len(names)] = [self._adapters[n].table for n in names]
             ranks[:len(names)] = [self._adapters[n].ranks for n in names]

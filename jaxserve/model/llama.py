@@ -14,7 +14,7 @@ params (a pytree; layer weights stacked on a leading axis so the layers run unde
 pool: the unified page pool [L, 2, num_pages, page_size, Hkv*D]. A KV page holds keys in half 0
   and values in half 1; page p is the same page in every layer, so one page id holds a sequence's
   slice of KV for all layers. Adapter pages hold LoRA rank-rows (jaxserve/lora/layout.py).
-lora (optional): {module: {"a_rows": [n, R, ca], "b_rows": [n, R, cb], "rank": [n]}} for the n
+lora (optional): {module: {"a_rows", "b_rows", "rank", "b_rank"}} (lora/layout.split_tables) for the n
   adapters active in the batch, holding only the modules (of config.LORA_MODULES) some active
   adapter adapts; batch.lora_ids picks one per token (-1: none).
 """
@@ -161,19 +161,28 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
 
 
 def _tp_lora(ys, x, names, adapted, pool, layer, meta, op, axis: str, hidden: int):
-    """LoRA under tensor parallelism (distributed/lora_layout.py stores the adapters): every
-    device holds the slice d of each rank-row's features — of A's inputs and of B's outputs — so
-    its shrink over its slice of the input is a partial sum, all-reduced ([T, r]: the only extra
-    communication), and its expand gives its slice of the outputs. Column-parallel modules take
-    their input slice of the replicated x and produce exactly their output columns; row-parallel
-    ones (o, down) already hold their input slice, and their output slice goes into the partial
-    sum that the base all-reduce then completes (S-LoRA's row scheme, riding that all-reduce)."""
+    """LoRA under tensor parallelism in S-LoRA's scheme (distributed/lora_layout.py stores the
+    adapters). Column-parallel modules (q/k/v, gate/up: x replicated): each device holds a share
+    of A's rank-rows over all inputs and its output columns of every B^T row; the [T, r / N]
+    shrinks are all-gathered and the expand gives the device's output columns. Row-parallel
+    modules (o, down: x split by inputs): each device holds its input rows of A and output columns
+    of B^T; the [T, r] partial shrinks are all-reduced, and the device's output slice goes into the
+    base partial sum, so it rides the base all-reduce. One collective per LoRA op: modules that
+    share x share it."""
     n, d = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
     row = names[0] in ROW_PARALLEL
-    x_local = x if row else jax.lax.dynamic_slice_in_dim(x, d * (x.shape[-1] // n), x.shape[-1] // n, axis=1)
-    widths = tuple(hidden // n if row else ys[i].shape[-1] for i in adapted)
-    deltas = op.lora_deltas(x_local, pool, layer, meta, tuple(names[i] + "_proj" for i in adapted), widths,
-                            reduce_shrink=lambda s: jax.lax.psum(s, axis))
+    if row:
+        widths = (hidden // n,) * len(adapted)
+
+        def combine(s):  # the partial sums over the input slices: [..., 1, r]
+            return jax.lax.psum(s, axis)[..., None, :]
+    else:
+        widths = tuple(ys[i].shape[-1] for i in adapted)
+
+        def combine(s):  # every device's share of the rank: [..., N, r / N]
+            return jax.lax.all_gather(s, axis, axis=s.ndim - 1)
+    deltas = op.lora_deltas(x, pool, layer, meta, tuple(names[i] + "_proj" for i in adapted), widths,
+                            combine_shrink=combine)
     ys = list(ys)
     for i, delta in zip(adapted, deltas):
         if row:  # this device's slice of the hidden outputs, zeros elsewhere: summed by the base psum

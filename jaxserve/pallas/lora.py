@@ -2,7 +2,8 @@
 
 Same calling convention as `reference.lora_delta` (the spec):
 
-    lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features) -> [T, out] f32
+    lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features[, b_ranks,
+               combine_shrink]) -> [T, out] f32
 
 Each token may use a different adapter of a different rank, or none (token_adapter -1 -> zeros).
 The op is a shrink, v[t, :r] = x[t] A_s^T, then an expand, y[t] = v[t, :r] B_s^T (B^T rows carry
@@ -321,27 +322,41 @@ def _prepare(x, pool, layer, a_rows, ranks, token_adapter):
     return x, layer, ranks.astype(jnp.int32), token_adapter.astype(jnp.int32)
 
 
+def _combined(v, max_rank: int, b_max_rank: int, rank_block: int, combine_shrink):
+    """The shrink [rows, padded R] after tensor parallelism's combine (reference.lora_delta):
+    [rows, K x R] (share k's rank-rows at k x R, as the B tables expect), zero-padded to whole
+    rank blocks of the expand. Without a combine, v as it is."""
+    if combine_shrink is None:
+        return v
+    v = combine_shrink(v[:, :max_rank]).reshape(v.shape[0], -1)
+    block = next_pow2(min(rank_block, b_max_rank))
+    return jnp.pad(v, ((0, 0), (0, -v.shape[1] % block)))
+
+
 def lora_delta_mbgmv(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features, *, interpret=False,
                      rank_block=16, block_w=256, block_out=128, num_warps=4, num_stages=2, poison=False,
-                     reduce_shrink=None):
+                     b_ranks=None, combine_shrink=None):
     """Decode variant (per-token gathers). Same convention as reference.lora_delta."""
     if a_rows.shape[0] == 0 or a_rows.shape[1] == 0:
         return jnp.zeros((x.shape[0], out_features), _F32)
+    b_ranks = ranks if b_ranks is None else b_ranks
     x, layer, ranks, token_adapter = _prepare(x, pool, layer, a_rows, ranks, token_adapter)
     common = dict(num_warps=num_warps, num_stages=num_stages, interpret=interpret, poison=poison)
     v = mbgmv_shrink(x, pool, layer, a_rows.astype(jnp.int32), ranks, token_adapter, rank_block=rank_block,
                      block_w=block_w, **common)
-    v = v if reduce_shrink is None else reduce_shrink(v)
-    y = mbgmv_expand(v, pool, layer, b_rows.astype(jnp.int32), ranks, token_adapter, block_out=block_out, **common)
+    v = _combined(v, a_rows.shape[1], b_rows.shape[1], rank_block, combine_shrink)
+    y = mbgmv_expand(v, pool, layer, b_rows.astype(jnp.int32), b_ranks.astype(jnp.int32), token_adapter,
+                     block_out=block_out, **common)
     return y[:, :out_features]
 
 
 def lora_delta_sgmv(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features, *, interpret=False,
                     block_tokens=16, rank_block=16, block_w=64, block_out=64, num_warps=4, num_stages=2,
-                    poison=False, reduce_shrink=None):
+                    poison=False, b_ranks=None, combine_shrink=None):
     """Prefill variant (adapter segments, grouped matmuls). Same convention as reference.lora_delta."""
     if a_rows.shape[0] == 0 or a_rows.shape[1] == 0:
         return jnp.zeros((x.shape[0], out_features), _F32)
+    b_ranks = ranks if b_ranks is None else b_ranks
     block_tokens = next_pow2(block_tokens)
     x, layer, ranks, token_adapter = _prepare(x, pool, layer, a_rows, ranks, token_adapter)
     tile_adapter, tile_tokens, padded_pos = segment_tiles(token_adapter, a_rows.shape[0], block_tokens)
@@ -349,14 +364,15 @@ def lora_delta_sgmv(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_fe
                   interpret=interpret, poison=poison)
     v = sgmv_shrink(x, pool, layer, a_rows.astype(jnp.int32), ranks, tile_adapter, tile_tokens, block_w=block_w,
                     **common)
-    v = v if reduce_shrink is None else reduce_shrink(v)
-    y = sgmv_expand(v, pool, layer, b_rows.astype(jnp.int32), ranks, tile_adapter, block_out=block_out, **common)
+    v = _combined(v, a_rows.shape[1], b_rows.shape[1], rank_block, combine_shrink)
+    y = sgmv_expand(v, pool, layer, b_rows.astype(jnp.int32), b_ranks.astype(jnp.int32), tile_adapter,
+                    block_out=block_out, **common)
     # Back to the original token order; tokens without an adapter get zeros.
     return jnp.where((token_adapter >= 0)[:, None], y[padded_pos, :out_features], 0.0)
 
 
 def lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features, *, interpret=False,
-               decode_max_tokens=DECODE_MAX_TOKENS, reduce_shrink=None, **knobs):
+               decode_max_tokens=DECODE_MAX_TOKENS, b_ranks=None, combine_shrink=None, **knobs):
     """reference.lora_delta's convention; MBGMV for T <= decode_max_tokens (decode batches), SGMV
     above (prefill). knobs: tuning keywords of the chosen variant (those the other does not take
     are dropped, so one knob dict can serve both)."""
@@ -366,4 +382,4 @@ def lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_feature
         fn, names = lora_delta_sgmv, ("block_tokens", "rank_block", "block_w", "block_out", "num_warps",
                                       "num_stages", "poison")
     return fn(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features, interpret=interpret,
-              reduce_shrink=reduce_shrink, **{k: v for k, v in knobs.items() if k in names})
+              b_ranks=b_ranks, combine_shrink=combine_shrink, **{k: v for k, v in knobs.items() if k in names})

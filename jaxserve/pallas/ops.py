@@ -3,9 +3,10 @@
 The model calls a backend's ops from here and never a backend directly. A backend is a `Backend`:
 `prepare(batch, lora, pool, plan)` runs once per step, outside the layer loop, and returns
 metadata every layer reuses; `paged_attention(q, k_new, v_new, pool, layer, meta, scale)` and
-`lora_deltas(x, pool, layer, meta, modules, out_features, reduce_shrink=None)` (modules that
-share the input x, e.g. q/k/v; reduce_shrink, if given, is applied to the shrink before the
-expand: tensor parallelism all-reduces it there) run per layer. reference.py is the spec:
+`lora_deltas(x, pool, layer, meta, modules, out_features, combine_shrink=None)` (modules that
+share the input x, e.g. q/k/v; combine_shrink, if given, maps the shrink [..., R] to
+[..., K, R] before the expand: tensor parallelism all-reduces or all-gathers it there, see
+reference.lora_delta) run per layer. reference.py is the spec:
 a backend must compute what it computes. The engine picks a backend by name
 (`EngineConfig.kernels`):
 
@@ -36,7 +37,7 @@ DEFAULT = "xla"
 class Backend(NamedTuple):
     prepare: Callable          # (batch, lora, pool, plan) -> meta, once per step
     paged_attention: Callable  # (q, k_new, v_new, pool, layer, meta, scale) -> [T, H, D]
-    lora_deltas: Callable      # (x, pool, layer, meta, modules, out_features, reduce_shrink) -> ([T, out_m] f32, ...)
+    lora_deltas: Callable      # (x, pool, layer, meta, modules, out_features, combine_shrink) -> ([T, out_m] f32, ...)
     page_buckets: bool         # wants page tables cut to the batch's longest sequence (a shape bucket)
     lora_tiles: bool           # takes a LoRA tile count from the runner (StepPlan.lora_tiles)
 
@@ -52,10 +53,10 @@ def _spec_backend(attention: Callable, lora_op: Callable) -> Backend:
         return attention(q, k_new, v_new, pool, layer, b.page_tables, b.token_seq, b.positions, b.cached_lens,
                          meta["valid"], scale)
 
-    def deltas(x, pool, layer, meta, modules, out_features, reduce_shrink=None):
+    def deltas(x, pool, layer, meta, modules, out_features, combine_shrink=None):
         tables = [meta["lora"][m] for m in modules]
-        extra = {} if reduce_shrink is None else {"reduce_shrink": reduce_shrink}
-        return tuple(lora_op(x, pool, layer, t["a_rows"], t["b_rows"], t["rank"], meta["batch"].lora_ids, out, **extra)
+        return tuple(lora_op(x, pool, layer, t["a_rows"], t["b_rows"], t["rank"], meta["batch"].lora_ids, out,
+                             b_ranks=t["b_rank"], combine_shrink=combine_shrink)
                      for t, out in zip(tables, out_features))
 
     return Backend(_spec_prepare, attend, deltas, page_buckets=True, lora_tiles=False)

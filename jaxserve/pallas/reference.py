@@ -65,7 +65,8 @@ def gather_rank_rows(pool, layer, rows, width):
     return gathered.reshape(*rows.shape[:-1], rows.shape[-1] * row_width)[..., :width]
 
 
-def lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features, reduce_shrink=None):
+def lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_features, b_ranks=None,
+               combine_shrink=None):
     """Heterogeneous multi-LoRA read straight from the unified pool:
     y[t] = (x[t] A_s^T) B_s for s = token_adapter[t], 0 where s < 0.
 
@@ -73,11 +74,14 @@ def lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_feature
     pool:          [L, 2, num_pages, page_size, row_width], KV and adapter pages alike
     layer:         int32 scalar, the layer being computed
     a_rows:        [n, R, chunks(in)] flat pool rows of each active adapter's A rank-rows
-    b_rows:        [n, R, chunks(out)] likewise for B^T (scaling folded in)
+    b_rows:        [n, Rb, chunks(out)] likewise for B^T (scaling folded in); Rb = R unless
+                   combine_shrink gathers shares of the rank (then Rb = K x R)
     ranks:         [n] int32; rank-rows at or past an adapter's rank are ignored (R = max rank)
     token_adapter: [T] int32, index into the n active adapters, -1 for none
-    reduce_shrink: applied to the [T, R] shrink before the expand (tensor parallelism: each
-                   device holds a slice of A's input features, so its shrink is a partial sum)
+    b_ranks:       [n] int32, the expand's rank (B^T's rows read); default `ranks`
+    combine_shrink: tensor parallelism's communication: maps the [..., R] shrink to [..., K, R]
+                   before the expand — an all-reduce of partial sums (K = 1: each device holds a
+                   slice of A's inputs) or an all-gather of the K devices' rank shares
     returns        [T, out_features] float32
 
     Each token gathers its own adapter's rows from the pool (as MBGMV does), so the cost does not
@@ -89,6 +93,9 @@ def lora_delta(x, pool, layer, a_rows, b_rows, ranks, token_adapter, out_feature
     a = gather_rank_rows(pool, layer, a_rows[which], x.shape[-1])                                 # [T, R, in]
     shrunk = jnp.einsum("ti,tri->tr", x, a.astype(x.dtype), preferred_element_type=jnp.float32)
     shrunk = jnp.where(live, shrunk, 0.0)  # rows past the rank may hold any other page's data
-    shrunk = shrunk if reduce_shrink is None else reduce_shrink(shrunk)
-    b = gather_rank_rows(pool, layer, b_rows[which], out_features)                                # [T, R, out]
-    return jnp.einsum("tr,tro->to", shrunk, jnp.where(live[..., None], b, 0).astype(jnp.float32))
+    if combine_shrink is not None:
+        shrunk = combine_shrink(shrunk).reshape(shrunk.shape[0], -1)                              # [T, Rb]
+    b_ranks = ranks if b_ranks is None else b_ranks
+    b_live = (jnp.arange(b_rows.shape[1])[None, :] < b_ranks[which][:, None]) & has_adapter[:, None]
+    b = gather_rank_rows(pool, layer, b_rows[which], out_features)                                # [T, Rb, out]
+    return jnp.einsum("tr,tro->to", shrunk, jnp.where(b_live[..., None], b, 0).astype(jnp.float32))

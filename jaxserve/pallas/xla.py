@@ -84,10 +84,12 @@ def _prepare_lora(lora_ids, lora, plan: StepPlan) -> dict:
     num_tokens = lora_ids.shape[0]
     which = jnp.maximum(tile_adapter, 0)
     modules = {}
+    def live(rows, rank):                                                    # [tiles, R]
+        return jnp.arange(rows.shape[1])[None, :] < jnp.where(tile_adapter >= 0, rank[which], 0)[:, None]
+
     for name, t in lora.items():
-        rank = jnp.where(tile_adapter >= 0, t["rank"][which], 0)
-        live = jnp.arange(t["a_rows"].shape[1])[None, :] < rank[:, None]    # [tiles, R]
-        modules[name] = {"a_rows": t["a_rows"][which], "b_rows": t["b_rows"][which], "live": live}
+        modules[name] = {"a_rows": t["a_rows"][which], "b_rows": t["b_rows"][which],
+                         "live": live(t["a_rows"], t["rank"]), "b_live": live(t["b_rows"], t["b_rank"])}
     return {
         # padded row -> token (num_tokens: padding, read as zeros); token -> padded row (past the
         # end: no adapter, read as zeros)
@@ -97,10 +99,11 @@ def _prepare_lora(lora_ids, lora, plan: StepPlan) -> dict:
     }
 
 
-def lora_deltas(x, pool, layer, meta, modules: tuple[str, ...], out_features: tuple[int, ...], reduce_shrink=None):
+def lora_deltas(x, pool, layer, meta, modules: tuple[str, ...], out_features: tuple[int, ...], combine_shrink=None):
     """For modules that share the input x (q/k/v; gate/up): y_m[t] = (x[t] A_s^T) B_s for the
     token's adapter s, 0 for tokens without one; a tuple of [T, out_m] float32. One tile gather
-    of x and ONE shrink matmul over the modules' rank-rows side by side, then one expand each."""
+    of x and ONE shrink matmul over the modules' rank-rows side by side (under tensor
+    parallelism one collective for them all), then one expand each."""
     tiles, ts = meta["lora"], [meta["lora"]["modules"][m] for m in modules]
     num_tiles = ts[0]["live"].shape[0]
     xt = jnp.take(x, tiles["tile_tokens"], axis=0, mode="fill", fill_value=0)
@@ -110,13 +113,14 @@ def lora_deltas(x, pool, layer, meta, modules: tuple[str, ...], out_features: tu
     a = gather_rank_rows(pool, layer, a_rows, x.shape[-1]).astype(x.dtype)              # [M, sum R, in]
     shrunk = jnp.einsum("mgi,mri->mgr", xt, a, preferred_element_type=jnp.float32)
     shrunk = jnp.where(live[:, None, :], shrunk, 0.0)  # rank-rows past a rank may hold anything
-    shrunk = shrunk if reduce_shrink is None else reduce_shrink(shrunk)  # (TP: one for the modules)
+    shrunk = shrunk[..., None, :] if combine_shrink is None else combine_shrink(shrunk)  # [M, G, K, sum R]
     outs, start = [], 0
     for t, width in zip(ts, out_features):
         rank = t["live"].shape[1]
-        b = gather_rank_rows(pool, layer, t["b_rows"], width)                            # [M, R, out]
-        b = jnp.where(t["live"][..., None], b, 0).astype(jnp.float32)
-        out = jnp.einsum("mgr,mro->mgo", shrunk[..., start:start + rank], b, preferred_element_type=jnp.float32)
+        own = shrunk[..., start:start + rank].reshape(*shrunk.shape[:2], -1)              # [M, G, K x R]
+        b = gather_rank_rows(pool, layer, t["b_rows"], width)                            # [M, K x R, out]
+        b = jnp.where(t["b_live"][..., None], b, 0).astype(jnp.float32)
+        out = jnp.einsum("mgr,mro->mgo", own, b, preferred_element_type=jnp.float32)
         outs.append(jnp.take(out.reshape(-1, width), tiles["token_rows"], axis=0, mode="fill", fill_value=0))
         start += rank
     return tuple(outs)
