@@ -2,7 +2,8 @@
 bytes the step's collectives move, for each TP size, side by side.
 
     python benchmarks/tensor_parallel.py [--model smollm2] [--sizes 1,2,4] [--requests 64]
-                                         [--input-len 64] [--output-len 32]
+                                         [--input-len 64] [--output-len 32] [--replicated-vocab]
+                                         [--adapters N --ranks 8,16 --lora-schemes s-lora,vllm]
     (or: jaxserve bench tensor_parallel ...)
 
 Each TP size runs in a fresh process (on a CPU with XLA_FLAGS=--xla_force_host_platform_device_count
@@ -11,7 +12,8 @@ Each TP size runs in a fresh process (on a CPU with XLA_FLAGS=--xla_force_host_p
 once untimed (first uses of shapes trace), then timed. Reported per size: output tok/s and its
 ratio to TP 1, peak RSS of the process (ru_maxrss: on a CPU the devices' memory is host memory,
 so the params and the pool count too) and, from the compiled step of a decode batch
-(max_num_seqs tokens), every collective with its result shape and bytes. Tokens must agree with
+(max_num_seqs tokens), every collective with its result shape and bytes; with adapters, one
+adapter's mean memory per device under each LoRA scheme. Tokens must agree with
 TP 1's (printed). On 2 CPU cores, more "devices" only split the same cores: expect no speed-up.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ args = json.loads(sys.argv[1])
 import numpy as np
 import jaxserve.distributed.tensor_parallel as tensor_parallel
 tensor_parallel.VOCAB_PARALLEL = args["vocab"] == "split"
+tensor_parallel.LORA_SCHEME = args["scheme"]
 from jaxserve import LLM, SamplingParams
 from jaxserve.packed import PackedBatch
 start = time.perf_counter()
@@ -71,7 +74,12 @@ for line in hlo.splitlines():  # each collective with whether it is in ENTRY (on
     m = re.search(r"= (\w+)\[([\d,]*)\]\S* (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\(", line)
     if m:
         ops.append((entry, *m.groups()))
-print(json.dumps({"size": args["size"], "vocab": args["vocab"], "load_s": load, "seconds": seconds,
+stored = list(llm.engine.adapters._adapters.values())
+pool = llm.engine.device_pool  # one adapter's bytes on one device: its pages x a page's bytes per device
+page_bytes = pool.nbytes / pool.array.shape[2] / args["size"]
+adapter_mib = sum(s.layout.num_pages for s in stored) / max(1, len(stored)) * page_bytes / 2**20
+print(json.dumps({"size": args["size"], "vocab": args["vocab"], "scheme": args["scheme"], "adapter_mib": adapter_mib,
+                  "load_s": load, "seconds": seconds,
                   "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
                   "ids": [o.outputs[0].token_ids for o in outs],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -109,6 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--replicated-vocab", action="store_true",
                    help="also run each TP size > 1 with the embedding and lm_head replicated (the default splits them "
                         "over the vocabulary)")
+    p.add_argument("--lora-schemes", default="s-lora",
+                   help="with --adapters: run each TP size > 1 under these adapter layouts (s-lora: S-LoRA's, the "
+                        "default; vllm: vLLM's default, for comparison — distributed/lora_layout.py)")
     p.add_argument("--save-result", help="write the figures as JSON here")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -117,10 +128,11 @@ def main(argv=None) -> int:
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
         env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={max(sizes)}".strip()
     rows = []
-    runs = [(size, "split") for size in sizes]
-    runs += [(size, "replicated") for size in sizes if size > 1 and args.replicated_vocab]
-    for size, vocab in runs:
-        job = dict(model=args.model, size=size, vocab=vocab, adapters=args.adapters,
+    schemes = args.lora_schemes.split(",") if args.adapters else ["s-lora"]
+    runs = [(size, "split", scheme) for size in sizes for scheme in (schemes if size > 1 else schemes[:1])]
+    runs += [(size, "replicated", schemes[0]) for size in sizes if size > 1 and args.replicated_vocab]
+    for size, vocab, scheme in runs:
+        job = dict(model=args.model, size=size, vocab=vocab, scheme=scheme, adapters=args.adapters,
                    ranks=[int(r) for r in args.ranks.split(",")], requests=args.requests, input_len=args.input_len,
                    output_len=args.output_len, max_num_seqs=args.max_num_seqs)
         done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(job)], capture_output=True, text=True, env=env)
@@ -132,15 +144,18 @@ def main(argv=None) -> int:
     base = rows[0]
     print(f"{args.model}: {args.requests} requests, {args.input_len} prompt + {args.output_len} output tokens, greedy"
           + (f", round-robin over {args.adapters} adapters of ranks {args.ranks} on q/k/v/o" if args.adapters else ""))
-    print(f"{'TP':>3} {'vocab':>10} {'load s':>7} {'out tok/s':>10} {'vs TP1':>7} {'peak RSS MiB':>13} {'same tokens':>12} "
-          f"{'bytes/decode step':>18}  collectives")
+    print(f"{'TP':>3} {'vocab':>10} {'LoRA':>6} {'load s':>7} {'out tok/s':>10} {'vs TP1':>7} {'peak RSS MiB':>13} "
+          f"{'same tokens':>12} {'adapter MiB/device':>19} {'bytes/decode step':>18}  collectives")
     for r in rows:
         moved, described = collective_bytes(r["collectives"], r["layers"])
         same = sum(a == b for a, b in zip(r["ids"], base["ids"])) / len(base["ids"])
         tok_s = r["tokens"] / r["seconds"]
         r.update(tok_s=tok_s, bytes_per_step=moved, same_tokens=same)
-        print(f"{r['size']:>3} {r['vocab'] if r['size'] > 1 else '-':>10} {r['load_s']:>7.1f} {tok_s:>10.1f} {tok_s / (base['tokens'] / base['seconds']):>6.2f}x "
-              f"{r['peak_rss_mb']:>13.0f} {100 * same:>11.0f}% {moved / 2**20:>14.2f} MiB  "
+        vocab, scheme = (r["vocab"], r["scheme"] if args.adapters else "-") if r["size"] > 1 else ("-", "-")
+        print(f"{r['size']:>3} {vocab:>10} {scheme:>6} "
+              f"{r['load_s']:>7.1f} {tok_s:>10.1f} {tok_s / (base['tokens'] / base['seconds']):>6.2f}x "
+              f"{r['peak_rss_mb']:>13.0f} {100 * same:>11.0f}% {r['adapter_mib'] if args.adapters else 0:>19.3f} "
+              f"{moved / 2**20:>14.2f} MiB  "
               f"{', '.join(described) or '-'} ({r['decode_tokens']} tokens)")
     if args.save_result:
         for r in rows:

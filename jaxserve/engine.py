@@ -76,9 +76,9 @@ class Engine:
         logger.info("%s pool: %d pages of %d tokens = %.1f MiB (%d tokens of KV if no adapter)",
                     config.adapter_memory, num_pages, config.page_size, self.device_pool.nbytes / 2**20,
                     self.pool.capacity(KV) * config.page_size)
-        # Under TP each device holds its slice of every adapter's features (distributed/lora_layout.py).
-        split = {} if tp is None else dict(pack=partial(pack_split, model_cfg=cfg, n=tp.size))
-        self.adapters = AdapterStore(lora_view(tp.cfg, tp.size) if tp else cfg, self.pool, self.device_pool,
+        # Under TP each device holds its part of every adapter (distributed/lora_layout.py).
+        split = {} if tp is None else dict(pack=partial(pack_split, model_cfg=cfg))
+        self.adapters = AdapterStore(lora_view(tp.cfg, tp.size, tp.lora_scheme) if tp else cfg, self.pool, self.device_pool,
                                      config.max_lora_rank, self.dtype, config.lora_modules,
                                      padded=config.adapter_memory == "padded", **split)
         self.kv = KVManager(self.pool, self.adapters, watermark_pages=max(1, self.pool.capacity(KV) // 100),

@@ -46,11 +46,13 @@ logger = logging.getLogger("jaxserve")
 STEP = COLUMN["step"]  # (the sampler columns before it are a request's fixed sampling_row)
 
 def _step_forward(params, pool, batch: PackedBatch, prev_tokens, lora_flat, lora_ranks, *, cfg: ModelConfig,
-                  kernels: str, lora_layout, plan: StepPlan, num_logits: int, tp_axis: str | None = None):
+                  kernels: str, lora_layout, plan: StepPlan, num_logits: int, tp_axis: str | None = None,
+                  tp_lora: str = "s-lora"):
     """llama.forward over a batch packed into few arrays (packed.py: each host-to-device transfer
     costs tens of microseconds, so a step sends two int32 arrays, plus two for LoRA)."""
     lora = split_tables(lora_flat, lora_ranks, lora_layout) if lora_flat is not None else None
-    return llama.forward(params, pool, batch.unpack(), prev_tokens, cfg, lora, kernels, plan, num_logits, tp_axis)
+    return llama.forward(params, pool, batch.unpack(), prev_tokens, cfg, lora, kernels, plan, num_logits, tp_axis,
+                         tp_lora)
 
 
 def _step_forward_tp(params, pool, batch: PackedBatch, prev_tokens, lora_flat, lora_ranks, *, cfg: ModelConfig,
@@ -59,7 +61,7 @@ def _step_forward_tp(params, pool, batch: PackedBatch, prev_tokens, lora_flat, l
     batch and adapter tables go to every device, the logits come back replicated. check_vma is
     off: the kernels' pallas_calls carry no replication annotations."""
     body = partial(_step_forward, cfg=cfg, kernels=kernels, lora_layout=lora_layout, plan=plan,
-                   num_logits=num_logits, tp_axis=AXIS)
+                   num_logits=num_logits, tp_axis=AXIS, tp_lora=tp.lora_scheme)
     in_specs = (tp.param_specs(params), POOL_SPEC, P(), P(), P(), P())
     return jax.shard_map(body, mesh=tp.mesh, in_specs=in_specs, out_specs=(P(), POOL_SPEC), check_vma=False)(
         params, pool, batch, prev_tokens, lora_flat, lora_ranks)

@@ -105,6 +105,12 @@ def test_lora_adds_s_lora_s_collectives_one_per_lora_op(tp):
     assert dims == [("all-gather", (2, 16)), ("all-gather", (2, 24)), ("all-reduce", (16,)), ("all-reduce", (16,))], extra
 
 
+def test_vllm_scheme_adds_no_collective(tp):
+    # vLLM's default keeps A whole for column modules and B^T whole for row ones: no collective
+    # of LoRA's own (the benchmark's comparison: more memory per device, no extra traffic).
+    assert sorted(map(tuple, tp["lora_collectives_vllm"])) == sorted(map(tuple, tp["collectives"]))
+
+
 def test_adapters_evicted_and_reloaded_under_tp_keep_every_devices_rows(tp, golden):
     run = tp["evict"]
     assert run["evictions"] > 0 and run["loads"] > len({name for name, _ in run["cases"]}), run
@@ -113,9 +119,10 @@ def test_adapters_evicted_and_reloaded_under_tp_keep_every_devices_rows(tp, gold
         assert out["ids"] == golden["tiny-llama"][name]["greedy"][i], (name, i)
 
 
-def test_mixed_adapters_in_one_batch_match_hf_at_every_tp_size(tp, golden):
-    # Each device holds its part of every adapter (S-LoRA's layout, distributed/lora_layout.py).
-    for size, run in tp["lora"].items():
+@pytest.mark.parametrize("scheme", ["lora", "lora_vllm"])
+def test_mixed_adapters_in_one_batch_match_hf_at_every_tp_size(tp, golden, scheme):
+    # Each device holds its part of every adapter (S-LoRA's layout, or vLLM's: lora_layout.py).
+    for size, run in tp[scheme].items():
         seen = {}
         for name, out in zip(run["names"], run["outputs"]):
             k = seen[name] = seen.get(name, -1) + 1

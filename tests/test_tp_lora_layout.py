@@ -1,8 +1,9 @@
 """S-LoRA's tensor-parallel adapter layout (distributed/lora_layout.py) without devices: each
 device's pages are packed as the engine packs them, each device's LoRA op runs on its own pages
 (the reference and the xla-path Pallas kernels in interpret mode), and the collective is played by
-hand — the column modules' rank shares concatenated (all-gather), the row modules' partial
-shrinks summed (all-reduce). The devices' output slices, joined, must equal the unsplit float64
+hand — under S-LoRA's scheme the column modules' rank shares concatenated (all-gather), the row
+modules' partial shrinks summed (all-reduce); under vLLM's, the row modules' partial outputs
+summed (the base all-reduce). The devices' output slices, joined, must equal the unsplit float64
 product, for ranks no device count divides (shares zero-padded) and pool pages full of non-finite
 noise elsewhere (a table entry that reaches one unmasked poisons the result)."""
 from functools import partial
@@ -23,9 +24,9 @@ PAGE_SIZE, MAX_RANK = 4, 8
 OPS = {"reference": reference.lora_delta, "pallas-interpret": partial(pallas_lora.lora_delta, interpret=True)}
 
 
-def split_pools(adapters, n, rng):
+def split_pools(adapters, n, scheme, rng):
     """Each device's pool (its slice of every page's row) and the stacked tables of the adapters."""
-    view = lora_view(CFG, n)
+    view = lora_view(CFG, n, scheme)
     tables = table_layout(view, MAX_RANK)
     layouts = [plan_layout(a, view, PAGE_SIZE) for a in adapters]
     num_pages = sum(lo.num_pages for lo in layouts) + 5
@@ -35,7 +36,7 @@ def split_pools(adapters, n, rng):
     flat, ranks = [], []
     for adapter, layout in zip(adapters, layouts):
         pages = [int(free.pop()) for _ in range(layout.num_pages)]
-        pool[:, :, pages] = pack_split(adapter, layout, view, PAGE_SIZE, np.float32, model_cfg=CFG, n=n)
+        pool[:, :, pages] = pack_split(adapter, layout, view, PAGE_SIZE, np.float32, model_cfg=CFG)
         local, module_ranks = local_rows(layout, tables)
         flat.append(pool_rows(local, pages, num_pages, PAGE_SIZE))
         ranks.append(module_ranks)
@@ -44,32 +45,38 @@ def split_pools(adapters, n, rng):
 
 
 @pytest.mark.parametrize("op_name", list(OPS))
-@pytest.mark.parametrize("n", [2, 4])
-def test_devices_parts_joined_equal_the_unsplit_adapter(n, op_name):
+@pytest.mark.parametrize("n,scheme", [(2, "s-lora"), (4, "s-lora"), (4, "vllm")])
+def test_devices_parts_joined_equal_the_unsplit_adapter(n, scheme, op_name):
     rng = np.random.default_rng(n)
     # ranks 3, 5, 6, 8: no device count here divides them all; one adapter leaves o and down out
     specs = [{(layer, m): r for layer in range(2) for m in LORA_MODULES} for r in (3, 5, 8)]
     specs.append({(layer, m): 6 for layer in range(2) for m in ("q_proj", "v_proj", "gate_proj")})
     adapters = [random_adapter(CFG, spec, rng) for spec in specs]
-    pools, tables = split_pools(adapters, n, rng)
+    pools, tables = split_pools(adapters, n, scheme, rng)
     token_adapter = np.array([0, 3, -1, 2, 1, 1, -1, 0, 2, 3], np.int32)
     op = OPS[op_name]
     for module in ("q_proj", "gate_proj", "o_proj", "down_proj"):
         fan_in, fan_out = CFG.module_shape(module)
         column = module in COLUMN_MODULES
+        # vllm keeps a row module's B^T whole: each device gives a full-width partial output
+        width = fan_out if scheme == "vllm" and not column else fan_out // n
         x = rng.standard_normal((len(token_adapter), fan_in)).astype(np.float32)
         t = tables[module]
         for layer in (0, 1):
             def run(d, combine):
                 x_d = x if column else x[:, d * fan_in // n:(d + 1) * fan_in // n]
                 return np.asarray(op(x_d, pools[d], np.int32(layer), t["a_rows"], t["b_rows"], t["rank"],
-                                     token_adapter, fan_out // n, b_ranks=t["b_rank"], combine_shrink=combine))
-            shrinks = []
-            for d in range(n):  # each device's shrink, kept as the collective would see it
-                run(d, lambda s: shrinks.append(np.asarray(s)) or np.zeros((*s.shape[:-1], n if column else 1,
-                                                                          s.shape[-1]), np.float32))
-            gathered = np.stack(shrinks, axis=-2) if column else np.sum(shrinks, axis=0)[..., None, :]
-            got = np.concatenate([run(d, lambda s: gathered) for d in range(n)], axis=1)
+                                     token_adapter, width, b_ranks=t["b_rank"], combine_shrink=combine))
+            if scheme == "vllm":  # no collective of its own; a row module's partials summed (the base all-reduce)
+                parts = [run(d, None) for d in range(n)]
+                got = np.concatenate(parts, axis=1) if column else np.sum(parts, axis=0)
+            else:
+                shrinks = []
+                for d in range(n):  # each device's shrink, kept as the collective would see it
+                    run(d, lambda s: shrinks.append(np.asarray(s)) or np.zeros((*s.shape[:-1], n if column else 1,
+                                                                              s.shape[-1]), np.float32))
+                gathered = np.stack(shrinks, axis=-2) if column else np.sum(shrinks, axis=0)[..., None, :]
+                got = np.concatenate([run(d, lambda s: gathered) for d in range(n)], axis=1)
             for i, s in enumerate(token_adapter):
                 w = adapters[s].weights.get((layer, module)) if s >= 0 else None
                 want = np.zeros(fan_out) if w is None else (x[i].astype(np.float64) @ w.a.T) @ w.b

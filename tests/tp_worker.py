@@ -73,15 +73,23 @@ def main(out_path: str, random_model: str) -> None:
             del llm
     # LoRA under TP: the fixture adapters (ranks 4/8/16; q/v, all seven modules, a regex
     # pattern) and the base model mixed in one batch, at every size.
-    result["lora"] = {}
-    for size in SIZES:
-        llm = LLM(str(TINY), max_model_len=64, tensor_parallel_size=size, max_loras=4, max_lora_rank=16)
-        names = ["base", *ADAPTERS]
-        cases = [(a, p) for a in names for p in golden["tiny-llama"][a]["prompts"]]
-        outs = generate(llm, [p for _, p in cases], [None if a == "base" else lora_request(a) for a, _ in cases])
-        result["lora"][size] = {"names": [a for a, _ in cases], "outputs": outs,
-                                "loads": llm.engine.adapters.metrics()["adapter_loads"]}
-        del llm
+    # The same under vLLM's scheme (A whole for column modules, B whole for row ones), the
+    # benchmark's comparison, at TP 2 and 4, and its step's collectives at TP 2.
+    from jaxserve.distributed import tensor_parallel
+    for key, scheme, sizes in (("lora", "s-lora", SIZES), ("lora_vllm", "vllm", (2, 4))):
+        tensor_parallel.LORA_SCHEME = scheme
+        result[key] = {}
+        for size in sizes:
+            llm = LLM(str(TINY), max_model_len=64, tensor_parallel_size=size, max_loras=4, max_lora_rank=16)
+            names = ["base", *ADAPTERS]
+            cases = [(a, p) for a in names for p in golden["tiny-llama"][a]["prompts"]]
+            outs = generate(llm, [p for _, p in cases], [None if a == "base" else lora_request(a) for a, _ in cases])
+            result[key][size] = {"names": [a for a, _ in cases], "outputs": outs,
+                                 "loads": llm.engine.adapters.metrics()["adapter_loads"]}
+            if scheme == "vllm" and size == 2:
+                result["lora_collectives_vllm"] = collectives(llm, lora=True)
+            del llm
+    tensor_parallel.LORA_SCHEME = "s-lora"
     # Load / evict / reload under TP: one adapter per batch in a pool with room for few, the
     # Pallas kernels (interpreted) at TP 2; then every resident adapter's pages, read back from
     # all devices, must equal its host copy.

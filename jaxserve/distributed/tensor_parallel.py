@@ -34,6 +34,9 @@ POOL_SPEC = P(None, None, None, None, AXIS)  # [L, 2, pages, page_size, row]: ro
 # Split the embedding and lm_head over the vocabulary (else replicate them). benchmarks/
 # tensor_parallel.py --replicated-vocab sets it False in its worker to measure the alternative.
 VOCAB_PARALLEL = True
+# How adapters are split (distributed/lora_layout.py): S-LoRA's scheme, or vLLM's default for
+# comparison (benchmarks/tensor_parallel.py --lora-scheme vllm sets it in its worker).
+LORA_SCHEME = "s-lora"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,7 @@ class TensorParallel:
     cfg: ModelConfig         # the laid-out model (padded heads), as all devices hold it together
     local_cfg: ModelConfig   # one device's shard of it
     vocab_parallel: bool     # embedding rows / lm_head columns split over the devices
+    lora_scheme: str         # "s-lora" or "vllm" (distributed/lora_layout.py)
 
     @classmethod
     def create(cls, size: int, cfg: ModelConfig) -> "TensorParallel":
@@ -56,7 +60,7 @@ class TensorParallel:
                              f"{cfg.hidden_size} does not split into {size} equal parts; allowed: a divisor of it")
         mesh = Mesh(np.array(devices[:size]), (AXIS,))
         laid_out = laid_out_config(cfg, size)
-        return cls(mesh, size, laid_out, local_config(laid_out, size), VOCAB_PARALLEL)
+        return cls(mesh, size, laid_out, local_config(laid_out, size), VOCAB_PARALLEL, LORA_SCHEME)
 
     def sharding(self, spec: P) -> NamedSharding:
         return NamedSharding(self.mesh, spec)

@@ -86,7 +86,8 @@ def rms_norm(x, weight, eps):
 
 
 def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None, kernels: str = ops.DEFAULT,
-            plan: StepPlan = StepPlan(), num_logits: int | None = None, tp_axis: str | None = None):
+            plan: StepPlan = StepPlan(), num_logits: int | None = None, tp_axis: str | None = None,
+            tp_lora: str = "s-lora"):
     """Returns (logits [num_logits, V] float32, updated pool). Jit with cfg/kernels/plan/num_logits
     static, pool donated. prev_tokens are the previous step's sampled tokens, still on the device:
     decode tokens can be fed from them before the host has seen them (the engine's async overlap).
@@ -94,7 +95,8 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
     carries the runner's static choices for it (LoRA tiles, attention segments). Logits are
     computed for the first num_logits entries of batch.logits_indices (all by default).
     Under tensor parallelism (inside shard_map over tp_axis) params and pool are one device's
-    shards and cfg its local config: o and down then hold partial sums, all-reduced here."""
+    shards and cfg its local config: o and down then hold partial sums, all-reduced here; tp_lora
+    names the adapters' scheme (distributed/lora_layout.py)."""
     op = ops.get_ops(kernels)
     meta = op.prepare(batch, lora, pool, plan)
     num_tokens = batch.token_ids.shape[0]
@@ -112,7 +114,7 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
             ys = [jnp.dot(x, w[name], preferred_element_type=jnp.float32) for name in names]
             adapted = [i for i, name in enumerate(names) if lora is not None and name + "_proj" in lora]
             if adapted and tp_axis is not None:
-                ys = _tp_lora(ys, x, names, adapted, pool, index, meta, op, tp_axis, h.shape[-1])
+                ys = _tp_lora(ys, x, names, adapted, pool, index, meta, op, tp_axis, h.shape[-1], tp_lora)
             elif adapted:  # projections of one input share the LoRA op (one shrink for all)
                 deltas = op.lora_deltas(x, pool, index, meta, tuple(names[i] + "_proj" for i in adapted),
                                         tuple(ys[i].shape[-1] for i in adapted))
@@ -160,32 +162,33 @@ def forward(params, pool, batch: Batch, prev_tokens, cfg: ModelConfig, lora=None
     return logits, pool
 
 
-def _tp_lora(ys, x, names, adapted, pool, layer, meta, op, axis: str, hidden: int):
-    """LoRA under tensor parallelism in S-LoRA's scheme (distributed/lora_layout.py stores the
-    adapters). Column-parallel modules (q/k/v, gate/up: x replicated): each device holds a share
-    of A's rank-rows over all inputs and its output columns of every B^T row; the [T, r / N]
-    shrinks are all-gathered and the expand gives the device's output columns. Row-parallel
-    modules (o, down: x split by inputs): each device holds its input rows of A and output columns
-    of B^T; the [T, r] partial shrinks are all-reduced, and the device's output slice goes into the
-    base partial sum, so it rides the base all-reduce. One collective per LoRA op: modules that
-    share x share it."""
+def _tp_lora(ys, x, names, adapted, pool, layer, meta, op, axis: str, hidden: int, scheme: str):
+    """LoRA under tensor parallelism (distributed/lora_layout.py stores the adapters). Under
+    "s-lora", S-LoRA's scheme: column-parallel modules (q/k/v, gate/up: x replicated) hold a
+    share of A's rank-rows over all inputs and their output columns of every B^T row; the
+    [T, r / N] shrinks are all-gathered and the expand gives the device's output columns.
+    Row-parallel modules (o, down: x split by inputs) hold their input rows of A and output
+    columns of B^T; the [T, r] partial shrinks are all-reduced, and the device's output slice
+    goes into the base partial sum, so it rides the base all-reduce. One collective per LoRA op:
+    modules that share x share it. Under "vllm" (A whole for column modules, B^T whole for row
+    ones) nothing is communicated: a row module's full-width partial output rides the base
+    all-reduce."""
     n, d = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
     row = names[0] in ROW_PARALLEL
-    if row:
+    combine, widths = None, tuple(ys[i].shape[-1] for i in adapted)  # (vllm: no collective, full widths)
+    if scheme == "s-lora" and row:
         widths = (hidden // n,) * len(adapted)
 
         def combine(s):  # the partial sums over the input slices: [..., 1, r]
             return jax.lax.psum(s, axis)[..., None, :]
-    else:
-        widths = tuple(ys[i].shape[-1] for i in adapted)
-
+    elif scheme == "s-lora":
         def combine(s):  # every device's share of the rank: [..., N, r / N]
             return jax.lax.all_gather(s, axis, axis=s.ndim - 1)
     deltas = op.lora_deltas(x, pool, layer, meta, tuple(names[i] + "_proj" for i in adapted), widths,
                             combine_shrink=combine)
     ys = list(ys)
     for i, delta in zip(adapted, deltas):
-        if row:  # this device's slice of the hidden outputs, zeros elsewhere: summed by the base psum
+        if delta.shape[-1] != ys[i].shape[-1]:  # a row module's slice of the hidden outputs, zeros elsewhere
             delta = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(ys[i]), delta, d * (hidden // n), axis=1)
         ys[i] = ys[i] + delta
     return ys
