@@ -175,23 +175,26 @@ def _tp_lora(ys, x, names, adapted, pool, layer, meta, op, axis: str, hidden: in
     all-reduce."""
     n, d = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
     row = names[0] in ROW_PARALLEL
-    combine, widths = None, tuple(ys[i].shape[-1] for i in adapted)  # (vllm: no collective, full widths)
+    widths = tuple(ys[i].shape[-1] for i in adapted)
     if scheme == "s-lora" and row:
         widths = (hidden // n,) * len(adapted)
-
-        def combine(s):  # the partial sums over the input slices: [..., 1, r]
-            return jax.lax.psum(s, axis)[..., None, :]
-    elif scheme == "s-lora":
-        def combine(s):  # every device's share of the rank: [..., N, r / N]
-            return jax.lax.all_gather(s, axis, axis=s.ndim - 1)
     deltas = op.lora_deltas(x, pool, layer, meta, tuple(names[i] + "_proj" for i in adapted), widths,
-                            combine_shrink=combine)
+                            combine_shrink=_shrink_collective(scheme, row, axis))
     ys = list(ys)
     for i, delta in zip(adapted, deltas):
         if delta.shape[-1] != ys[i].shape[-1]:  # a row module's slice of the hidden outputs, zeros elsewhere
             delta = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(ys[i]), delta, d * (hidden // n), axis=1)
         ys[i] = ys[i] + delta
     return ys
+
+
+def _shrink_collective(scheme: str, row: bool, axis: str):
+    """The shrink's collective (the backends' combine_shrink: [..., r] -> [..., K, r])."""
+    if scheme == "vllm":
+        return None
+    if row:  # the partial sums over the input slices: [..., 1, r]
+        return lambda s: jax.lax.psum(s, axis)[..., None, :]
+    return lambda s: jax.lax.all_gather(s, axis, axis=s.ndim - 1)  # every device's rank share: [..., N, r / N]
 
 
 def _embed_split(embed, token_ids, axis: str):
