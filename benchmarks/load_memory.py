@@ -34,7 +34,7 @@ n = sum(x.size for x in jax.tree.leaves(model.params))
 import jax.numpy as jnp, numpy as np
 from safetensors import safe_open
 from jaxserve.config import ModelConfig
-from jaxserve.model.weights import _LAYER_LINEARS, _LAYER_VECTORS
+from jaxserve.model.weights import LAYER_LINEARS, LAYER_VECTORS
 folder = Path(FOLDER)
 cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
 tensors = {}
@@ -43,7 +43,7 @@ for file in sorted(folder.glob("*.safetensors")):
         for key in f.keys():
             tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
 layers = {}
-for suffix, key in {**_LAYER_LINEARS, **{k: v for k, v in _LAYER_VECTORS.items() if not k.endswith(".bias")}}.items():
+for suffix, key in {**LAYER_LINEARS, **{k: v for k, v in LAYER_VECTORS.items() if not k.endswith(".bias")}}.items():
     per_layer = [tensors[f"model.layers.{i}.{suffix}"] for i in range(cfg.num_layers)]
     layers[key] = np.stack([w.T for w in per_layer] if suffix.endswith("proj.weight") else per_layer).astype(np.float32)
 params = {"embed": tensors["model.embed_tokens.weight"], "final_norm": tensors["model.norm.weight"],

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.distributed import sharded_load
 from jaxserve.distributed.tensor_parallel import TensorParallel
 from jaxserve.lora.layout import slot_pages
 from jaxserve.memory.pool import page_bytes
@@ -37,27 +38,33 @@ def resolve_dtype(dtype: str):
 
 
 def load_model(config: EngineConfig) -> LoadedModel:
-    """Params arrive tensor by tensor; under tensor parallelism each goes straight to its shards."""
+    """Params arrive tensor by tensor; under tensor parallelism files are read straight into
+    their shards (distributed/sharded_load.py)."""
     dtype = resolve_dtype(config.dtype)
     max_model_len = config.max_model_len
     path = None if random_weights.is_random(config.model) else weights.resolve_model(config.model)
     is_gguf = path is not None and path.suffix == ".gguf"
     if is_gguf:  # (its metadata is read once: ~1 s for SmolLM2's)
-        hf_config, loaded, gguf_model = weights.load_gguf_params(path)
+        hf_config, cached, gguf_model = weights.gguf_params_cache(path)
     else:
         hf_config = random_weights.random_config(config.model) if path is None else weights.read_config(path)
     cfg = ModelConfig.from_hf(hf_config)
     tp = TensorParallel.create(config.tensor_parallel_size, cfg) if config.tensor_parallel_size > 1 else None
-    place = (lambda key, w: tp.place(key, w, cfg)) if tp else None
     tokenizer = None
     if path is None:
+        place = (lambda key, w: tp.place(key, w, cfg)) if tp else None
         params = weights.hf_to_params(cfg, random_weights.RandomTensors(cfg, dtype, config.seed), dtype, place)
+    elif tp:
+        source = sharded_load.CachedParams(cached) if is_gguf else sharded_load.HFParams(path, cfg)
+        params = sharded_load.restore_params(tp, source, cfg, dtype)
     elif is_gguf:
-        params = _cast_and_place(loaded, dtype, place)
+        params = _cast(weights.read_params_cache(cached), dtype)
+    else:
+        params = weights.hf_to_params(cfg, weights.SafetensorsFolder(path), dtype)  # streamed: tensor by tensor, cast on the device
+    if is_gguf:
         tokenizer = Tokenizer(gguf_model.tokenizer, gguf_model.chat_template, gguf_model.bos_token,
                               gguf_model.eos_token, cfg.eos_token_ids)
-    else:
-        params = weights.hf_to_params(cfg, weights.SafetensorsFolder(path), dtype, place)  # streamed: tensor by tensor, cast on the device
+    elif path is not None:
         tokenizer = (Tokenizer.from_hf_folder(path, cfg.eos_token_ids)
                      if (path / "tokenizer.json").exists() else None)
         window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
@@ -71,22 +78,17 @@ def load_model(config: EngineConfig) -> LoadedModel:
     return LoadedModel(cfg, params, tokenizer, max_model_len, dtype, tp)
 
 
-def _cast_and_place(params: dict, dtype, place) -> dict:
-    """A loaded params tree cast to dtype (and placed), one leaf at a time, each source leaf
-    dropped as soon as it is converted."""
+def _cast(params: dict, dtype) -> dict:
+    """A loaded params tree cast to dtype, one leaf at a time, each source leaf dropped as soon as
+    it is converted."""
     out = {}
     for key in list(params):
         if key == "layers":
             layers = params.pop("layers")
-            out["layers"] = {name: _convert(name, layers.pop(name), dtype, place) for name in list(layers)}
+            out["layers"] = {name: jnp.asarray(layers.pop(name), dtype) for name in list(layers)}
         else:
-            out[key] = _convert(key, params.pop(key), dtype, place)
+            out[key] = jnp.asarray(params.pop(key), dtype)
     return out
-
-
-def _convert(name, w, dtype, place):
-    w = jnp.asarray(w, dtype)
-    return place(name, w) if place else w
 
 
 def pool_pages(config: EngineConfig, model: LoadedModel, row_width: int | None = None) -> int:

@@ -70,6 +70,14 @@ def test_chunked_prefill_and_preemption_under_tp(tp, golden):
     assert tp["devices"] == 4
 
 
+def test_params_read_straight_into_their_shards_equal_the_whole_split(tp):
+    # HF folders (float32 and bfloat16 serving; a bfloat16 checkpoint with padded heads, MLP and
+    # vocabulary) and a GGUF-style params cache, at TP 2 and 4: every param, bit for bit.
+    assert len(tp["restore"]) == 3 * 2 * 3
+    for case, equal, same_sharding in tp["restore"]:
+        assert equal and same_sharding, case
+
+
 def test_no_compile_after_warmup_under_tp(tp):
     assert tp["compiles_after_warmup"] == 0
 

@@ -5,7 +5,9 @@ fixed when jax is imported. Writes one JSON of everything the tests assert on:
   (cases: the tiny HF fixtures on their golden prompts; a random model with 3 KV heads, which
   no TP size divides; chunked prefill with preemption);
 - "collectives": the compiled step's all-reduce / all-gather / others (shape of each) at TP 2;
-- "lora_error": what a LoRA request gets under TP.
+- "lora", "lora_vllm": the fixture adapters under S-LoRA's and vLLM's schemes; "evict": load /
+  evict / reload; "restore": sharded start-up against the whole params split;
+- "compiles_after_warmup".
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ os.environ["JAXSERVE_WARMUP"] = "0"
 
 from conftest import ADAPTERS, FIXTURES, TINY, lora_request  # noqa: E402  (after XLA_FLAGS)
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxserve import LLM, SamplingParams  # noqa: E402
@@ -47,6 +50,51 @@ def collectives(llm, lora: bool = False) -> list[tuple[str, str]]:
                                      **runner._forward.keywords).compile().as_text()
     found = re.findall(r"= (\S+) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\(", hlo)
     return [(re.sub(r"\{.*\}", "", shape), op) for shape, op in found]  # (without the layout)
+
+
+def restore_checks(random_config_folder: str) -> list:
+    """Sharded start-up: params read from files straight into their shards must equal the whole
+    params laid out and split (TensorParallel.place) — for HF folders (float32 and bfloat16
+    serving; a random model with 3 KV heads written as a bfloat16 checkpoint: dummy groups, the
+    MLP and vocabulary padded) and for a GGUF-style params cache. [(case, equal, same sharding)]."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import jax.numpy as jnp
+    from safetensors.numpy import save_file
+
+    from jaxserve.config import ModelConfig
+    from jaxserve.distributed.sharded_load import CachedParams, HFParams, restore_params
+    from jaxserve.distributed.tensor_parallel import TensorParallel
+    from jaxserve.model import random_weights, weights
+
+    folder = Path(tempfile.mkdtemp())
+    random_folder = folder / "random-3kv"
+    random_folder.mkdir()
+    shutil.copy(Path(random_config_folder) / "config.json", random_folder)
+    cfg3 = ModelConfig.from_hf(weights.read_config(random_folder))
+    tensors = random_weights.RandomTensors(cfg3, jnp.bfloat16, seed=3)
+    save_file({k: np.asarray(tensors[k]) for k in tensors}, str(random_folder / "model.safetensors"))
+    checks = []
+    for path in (TINY, FIXTURES / "tiny-qwen2", random_folder):
+        cfg = ModelConfig.from_hf(weights.read_config(path))
+        whole32 = weights.hf_to_params(cfg, weights.SafetensorsFolder(path), jnp.float32)
+        cache = folder / f"{path.name}.safetensors"
+        save_file(weights._flatten(whole32), str(cache))
+        for size in (2, 4):
+            tp = TensorParallel.create(size, cfg)
+            for dtype, source in ((jnp.float32, HFParams(path, cfg)), (jnp.bfloat16, HFParams(path, cfg)),
+                                  (jnp.float32, CachedParams(cache))):
+                whole = weights.hf_to_params(cfg, weights.SafetensorsFolder(path), dtype)
+                want = jax.tree_util.tree_map_with_path(lambda p, w: tp.place(p[-1].key, w, cfg), whole)
+                got = restore_params(tp, source, cfg, dtype)
+                pairs = list(zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True))
+                case = f"{path.name} TP {size} {jnp.dtype(dtype).name} {type(source).__name__}"
+                checks.append((case, all(g.dtype == w.dtype and np.array_equal(np.asarray(g), np.asarray(w))
+                                         for g, w in pairs),
+                               all(g.sharding.is_equivalent_to(w.sharding, g.ndim) for g, w in pairs)))
+    return checks
 
 
 def main(out_path: str, random_model: str) -> None:
@@ -103,6 +151,7 @@ def main(out_path: str, random_model: str) -> None:
     result["evict"] = {"cases": cases, "outputs": outs, "intact": intact,
                        "loads": store.loads, "evictions": store.evictions}
     del llm
+    result["restore"] = restore_checks(random_model)
     # Warm-up compiles every variant for the mesh: serving then compiles nothing (the step's
     # inputs and the sampler's logits are where warm-up assumed: replicated over the devices).
     from jaxserve import runtime
@@ -115,7 +164,6 @@ def main(out_path: str, random_model: str) -> None:
     llm.generate([{"prompt_token_ids": rng.integers(3, 380, rng.integers(1, 40)).tolist()} for _ in params],
                  params, use_tqdm=False)
     result["compiles_after_warmup"] = runtime.backend_compiles() - before
-    import jax
     result["devices"] = len(jax.devices())
     with open(out_path, "w") as f:
         json.dump(result, f)

@@ -65,15 +65,28 @@ def local_config(cfg: ModelConfig, n: int) -> ModelConfig:
                                intermediate_size=cfg.intermediate_size // n)
 
 
-def take_heads(w, src: tuple[int, ...], head_dim: int, axis: int, xp=jnp):
-    """w's head blocks (head_dim wide along axis) in src order; -1 gives zeros. xp: jax.numpy for
-    params on the device, numpy for adapters on the host (distributed/lora_layout.py)."""
-    index = np.array([max(s, 0) * head_dim + i for s in src for i in range(head_dim)])
-    keep = np.repeat(np.array(src) >= 0, head_dim)
-    out = xp.take(w, index, axis=axis)
+def head_index(src: tuple[int, ...], head_dim: int) -> np.ndarray:
+    """Source position of each laid-out position of a head axis (-1: a zero head's)."""
+    return np.array([s * head_dim + i if s >= 0 else -1 for s in src for i in range(head_dim)])
+
+
+def padded_index(size: int, padded: int) -> np.ndarray:
+    """Source positions of an axis padded with zeros from size to padded (-1: padding)."""
+    return np.where(np.arange(padded) < size, np.arange(padded), -1)
+
+
+def take_index(w, index: np.ndarray, axis: int, xp=jnp):
+    """w's positions `index` along axis; -1 gives zeros. xp: jax.numpy for params on the device,
+    numpy on the host (adapters, distributed/lora_layout.py; slices read from files)."""
+    out = xp.take(w, np.maximum(index, 0), axis=axis)
     shape = [1] * w.ndim
     shape[axis % w.ndim] = len(index)
-    return out * xp.asarray(keep.reshape(shape), w.dtype)
+    return out * xp.asarray((index >= 0).reshape(shape), w.dtype)
+
+
+def take_heads(w, src: tuple[int, ...], head_dim: int, axis: int, xp=jnp):
+    """w's head blocks (head_dim wide along axis) in src order; -1 gives zeros."""
+    return take_index(w, head_index(src, head_dim), axis, xp)
 
 
 def pad_axis(w, size: int, axis: int, xp=jnp):
@@ -82,17 +95,19 @@ def pad_axis(w, size: int, axis: int, xp=jnp):
     return xp.pad(w, pad)
 
 
-def lay_out_param(name: str, w, cfg: ModelConfig, n: int):
-    """One param (a layer weight by its key in params["layers"], or a top-level one) of the model
-    in its own layout -> the laid-out model's, on the device."""
+def param_index(name: str, cfg: ModelConfig, n: int) -> tuple[int, np.ndarray] | None:
+    """How one param (a layer weight by its key in params["layers"], or a top-level one) of the
+    model in its own layout becomes the laid-out model's: (axis, source position of each laid-out
+    position along it, -1 for zeros), or None when it is unchanged. Layer weights are stacked
+    [L, in, out] (biases [L, out])."""
     plan = head_plan(cfg.num_heads, cfg.num_kv_heads, n)
     inter = padded_intermediate(cfg.intermediate_size, n)
     if name in ("q", "q_bias") and not plan.identity:
-        return take_heads(w, plan.q_src, cfg.head_dim, axis=-1)
+        return -1, head_index(plan.q_src, cfg.head_dim)
     if name in ("k", "v", "k_bias", "v_bias") and not plan.identity:
-        return take_heads(w, plan.kv_src, cfg.head_dim, axis=-1)
+        return -1, head_index(plan.kv_src, cfg.head_dim)
     if name == "o" and not plan.identity:
-        return take_heads(w, plan.q_src, cfg.head_dim, axis=1)
+        return 1, head_index(plan.q_src, cfg.head_dim)
     if name in ("gate", "up", "down") and inter != cfg.intermediate_size:
-        return pad_axis(w, inter, -1 if name != "down" else 1)
-    return w
+        return (1 if name == "down" else -1), padded_index(cfg.intermediate_size, inter)
+    return None

@@ -18,12 +18,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxserve.config import ModelConfig
-from jaxserve.distributed.heads import lay_out_param, laid_out_config, local_config
+from jaxserve.distributed.heads import laid_out_config, local_config, padded_index, param_index, take_index
 from jaxserve.model.llama import ROW_PARALLEL
 
 AXIS = "tp"
@@ -82,14 +81,19 @@ class TensorParallel:
         specs["layers"] = {name: self.spec(name, w.ndim) for name, w in params["layers"].items()}
         return specs
 
+    def layout_index(self, name: str, model_cfg: ModelConfig) -> tuple[int, np.ndarray] | None:
+        """How a param of the model as loaded (model_cfg's layout) becomes the laid-out one:
+        heads.param_index, plus the vocabulary padded to whole slices when it is split."""
+        if self.vocab_parallel and name in ("embed", "lm_head"):
+            vocab = model_cfg.vocab_size
+            return (0 if name == "embed" else 1), padded_index(vocab, vocab + -vocab % self.size)
+        return param_index(name, model_cfg, self.size)
+
     def place(self, name: str, w, model_cfg: ModelConfig):
-        """One param of the model as loaded (model_cfg's layout, on one device) -> laid out and
-        split over the mesh. The loader calls it tensor by tensor (weights.hf_to_params), so no
-        second copy of the whole model is ever held."""
-        w = lay_out_param(name, w, model_cfg, self.size)
-        if self.vocab_parallel and name in ("embed", "lm_head"):  # vocabulary padded to whole slices
-            axis = 0 if name == "embed" else 1
-            pad = [(0, 0), (0, 0)]
-            pad[axis] = (0, -w.shape[axis] % self.size)
-            w = jnp.pad(w, pad)
+        """One param of the model as loaded (on one device) -> laid out and split over the mesh.
+        For params that are computed, not read (random weights): files are read straight into
+        their shards (distributed/sharded_load.py)."""
+        index = self.layout_index(name, model_cfg)
+        if index is not None:
+            w = take_index(w, index[1], index[0])
         return jax.device_put(w, self.sharding(self.spec(name, w.ndim)))

