@@ -1,4 +1,4 @@
-"""`jaxserve` command line: generate, demo, serve, bench, fairness."""
+"""`jaxserve` command line: generate, demo, serve, follow, bench, fairness."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ import time
 # they cannot drift from the Python API's); tests/test_cli.py checks them field by field.
 ENGINE_FLAGS = ("dtype", "max_model_len", "max_lora_rank", "max_loras", "seed", "page_size", "max_num_seqs",
                 "max_num_batched_tokens", "pool_bytes", "gpu_memory_utilization", "num_pool_pages", "kernels",
-                "tensor_parallel_size")
+                "tensor_parallel_size", "coordinator_address", "num_processes", "process_id")
 _FLAG_TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -64,6 +64,13 @@ BENCHMARKS = ("adapters", "compile", "engine", "gpu", "kernels", "serve", "servi
               "throughput")
 
 
+def cmd_follow(args) -> int:
+    from jaxserve.distributed import multihost
+    steps = multihost.follow(**_engine_kwargs(args))
+    print(f"follower {args.process_id}: {steps} steps repeated; the leader stopped")
+    return 0
+
+
 def cmd_bench(args) -> int:
     """Run benchmarks/<name>.py (from the source checkout) with the remaining arguments."""
     import runpy
@@ -107,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(serve)
     serve_cli.add_arguments(serve)
     serve.set_defaults(func=lambda args: serve_cli.main(args, _engine_kwargs(args)))
+    follow = sub.add_parser("follow", help="a multi-host follower (process_id > 0): repeats process 0's device "
+                            "calls over its own devices (jaxserve/distributed/multihost.py)")
+    _add_model_args(follow)
+    follow.set_defaults(func=cmd_follow)
     bench = sub.add_parser("bench", help=f"run a benchmark: {', '.join(BENCHMARKS)} (args after it pass through)")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("rest", nargs=argparse.REMAINDER)

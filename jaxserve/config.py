@@ -130,6 +130,11 @@ class EngineConfig:
     num_pool_pages: int | None = None
     kernels: str = "xla"                 # kernel backend (jaxserve/pallas/ops.py)
     tensor_parallel_size: int = 1       # devices the model is split over (jaxserve/distributed/)
+    # Multi-host (distributed/multihost.py): this process's place in a group joined by
+    # jax.distributed at coordinator_address ("host:port"); process 0 leads, the others follow.
+    coordinator_address: str | None = None
+    num_processes: int = 1
+    process_id: int = 0
     scheduler: object = "fcfs"          # a name in jaxserve.sched.SCHEDULERS, or a Scheduler object
     scheduler_options: dict | None = None  # e.g. {"weights": {"alice": 2}} for "vtc", {"rpm": 20} for "rpm"
     # Compile every batch shape at start-up (JAXSERVE_WARMUP=0 makes the default False: shapes
@@ -139,7 +144,7 @@ class EngineConfig:
 
     def __post_init__(self):
         for name in ("max_loras", "max_lora_rank", "page_size", "max_num_seqs", "max_num_batched_tokens",
-                     "tensor_parallel_size"):
+                     "tensor_parallel_size", "num_processes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= 1")
@@ -152,6 +157,16 @@ class EngineConfig:
                              f"{', '.join(LORA_MODULES)}")
         self._check_model_and_pool()
         self._check_choices()
+        self._check_processes()
+
+    def _check_processes(self):
+        n = self.num_processes
+        if not (isinstance(self.process_id, int) and not isinstance(self.process_id, bool) and 0 <= self.process_id < n):
+            raise ValueError(f"process_id={self.process_id!r} is invalid; allowed: 0..{n - 1} (num_processes={n})")
+        address = self.coordinator_address
+        if n > 1 and not (isinstance(address, str) and address.rpartition(":")[2].isdigit()):
+            raise ValueError(f"coordinator_address={address!r} is invalid with num_processes={n}; allowed: "
+                             f"'host:port' of process 0")
 
     def _check_model_and_pool(self):
         def bad(name, allowed):

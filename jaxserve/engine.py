@@ -23,6 +23,7 @@ from typing import AsyncIterator, Callable, Iterator
 
 from jaxserve.batching import BatchScheduler
 from jaxserve.config import EngineConfig
+from jaxserve.distributed import multihost
 from jaxserve.distributed.lora_layout import lora_view, pack_split
 from jaxserve.distributed.tensor_parallel import POOL_SPEC
 from jaxserve.intake import NewAdapters, RequestIntake
@@ -64,6 +65,8 @@ class Engine:
         config = config or EngineConfig(**kwargs)
         self.config = config
         start = time.perf_counter()
+        if config.num_processes > 1:  # before anything touches a device
+            multihost.initialize(config.coordinator_address, config.num_processes, config.process_id)
         check_backend(config.kernels)  # fail now, not at the first step
         model = load_model(config)
         self.model_config, self.tokenizer, self.max_model_len, self.dtype = (
@@ -104,6 +107,9 @@ class Engine:
         self.stats = StepStats()
         if config.warmup:
             self.runner.warmup()
+        if config.num_processes > 1 and config.process_id == 0:  # the followers repeat its device calls
+            self.runner.mirror = self.device_pool.mirror = multihost.Leader(config.coordinator_address,
+                                                                            config.num_processes - 1)
         self.load_time = time.perf_counter() - start
 
     # ---- adapters -------------------------------------------------------------------------

@@ -34,7 +34,11 @@ class LLM:
 
     def __init__(self, model: str = "smollm2", **kwargs):
         runtime.setup_process()  # an entry point: the compilation cache, warning filter, compile counter
-        self.engine = Engine(EngineConfig(model=str(model), **kwargs))
+        config = EngineConfig(model=str(model), **kwargs)
+        if config.process_id > 0:
+            raise ValueError(f"process_id={config.process_id} is a multi-host follower; allowed: LLM on process 0, "
+                             f"and jaxserve.distributed.multihost.follow(...) (CLI: jaxserve follow) on the others")
+        self.engine = Engine(config)
         runtime.freeze_startup_heap()
         self._ids = itertools.count()
         self._id_prefix = f"llm-{uuid.uuid4().hex[:12]}-"  # ids no caller of engine.add_request picks

@@ -118,7 +118,8 @@ class ModelRunner:
         # Where the step's outputs live: under TP, replicated over the mesh. Warm-up compiles for
         # it (an input placed elsewhere would be another executable, compiled at first use).
         self._replicated = None if tp is None else tp.sharding(P())
-        self._last_tokens = jax.device_put(jnp.zeros(max_num_seqs, jnp.int32), self._replicated)  # latest samples
+        self._last_tokens = jax.device_put(np.zeros(max_num_seqs, np.int32), self._replicated)  # latest samples
+        self.mirror = None  # multi-host: the leader's link to its followers (distributed/multihost.py)
         self._dispatched = 0
         self.device_time = 0.0
         self.num_compiled = 0
@@ -253,17 +254,25 @@ class ModelRunner:
         inputs = SamplerInputs.pack(sampler)
         num_logprobs = MAX_LOGPROBS if wanted > 0 else 0  # one compiled variant serves every N
         mode = sampler_mode(sampler[:, COLUMN["temperature"]], sampler[:, COLUMN["top_k"]], sampler[:, COLUMN["top_p"]])
-        num_tokens = batch.tokens.shape[1]
-        plan = self.plan(num_tokens, batch.rows().lora_ids if active else None)
-        rows_out = self.num_logits(num_tokens)
+        plan = self.plan(batch.tokens.shape[1], batch.rows().lora_ids if active else None)
+        arrays = self.launch(batch, lora, inputs, plan, num_logprobs, mode)
+        self._dispatched += 1
+        sampling = decode + [c.seq for c in prefill if c.wants_token]
+        return InFlight(sampling, {seq: row for row, seq in enumerate(sampling)}, arrays, self._dispatched, wanted >= 0)
+
+    def launch(self, batch: PackedBatch, lora: tuple, inputs, plan: StepPlan, num_logprobs: int, mode) -> tuple:
+        """A step's device calls, forward (pool donated) then sampler, enqueued without waiting:
+        its sampled tokens etc. as device arrays. Multi-host followers repeat exactly these calls
+        (the mirror sends them their inputs first)."""
+        if self.mirror is not None:
+            self.mirror.send(("step", batch, lora, inputs, plan, num_logprobs, mode))
+        rows_out = self.num_logits(batch.tokens.shape[1])
         logits, self.device_pool.array = self._forward(self.params, self.device_pool.array, batch,
                                                        self._last_tokens, *lora, plan=plan, num_logits=rows_out)
         arrays = sample_packed(logits, inputs[:rows_out], num_logprobs=num_logprobs, mode=mode,
                                pad_to=self.max_num_seqs)
         self._last_tokens = arrays[0]
-        self._dispatched += 1
-        sampling = decode + [c.seq for c in prefill if c.wants_token]
-        return InFlight(sampling, {seq: row for row, seq in enumerate(sampling)}, arrays, self._dispatched, wanted >= 0)
+        return arrays
 
     def collect(self, inflight: InFlight) -> tuple[list[int], list[float], list[dict | None]]:
         """Wait for a dispatched step's tokens (the wait counts as device time): per sampling

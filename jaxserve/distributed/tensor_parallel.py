@@ -49,7 +49,12 @@ class TensorParallel:
 
     @classmethod
     def create(cls, size: int, cfg: ModelConfig) -> "TensorParallel":
-        devices = jax.local_devices()
+        if jax.process_count() > 1:  # multi-host: one mesh over every process's devices
+            devices = jax.devices()
+            if size != len(devices):
+                raise ValueError(f"tensor_parallel_size={size!r} is invalid: {jax.process_count()} processes hold "
+                                 f"{len(devices)} devices together; allowed: {len(devices)}")
+        devices = jax.devices() if jax.process_count() > 1 else jax.local_devices()
         if not 1 <= size <= len(devices):
             raise ValueError(f"tensor_parallel_size={size!r} is invalid: {len(devices)} local "
                              f"{jax.default_backend()} device(s) exist; allowed: 1..{len(devices)} (on a CPU, "
@@ -96,4 +101,6 @@ class TensorParallel:
         index = self.layout_index(name, model_cfg)
         if index is not None:
             w = take_index(w, index[1], index[0])
+        if jax.process_count() > 1:  # (a host array: the same on every process, each keeps its shards)
+            w = np.asarray(w)
         return jax.device_put(w, self.sharding(self.spec(name, w.ndim)))

@@ -31,6 +31,7 @@ class DevicePool:
         else:  # made in place on each device; page writes keep the split
             self.array = jax.jit(partial(jnp.zeros, shape, dtype), out_shardings=sharding)()
             self._write = jax.jit(_write, donate_argnums=(0,), out_shardings=sharding)
+        self.mirror = None  # multi-host: the leader's link to its followers (distributed/multihost.py)
 
     @property
     def num_pages(self) -> int:
@@ -53,6 +54,8 @@ class DevicePool:
     def write_pages(self, pages: list[int], rows: np.ndarray) -> None:
         """Copy whole pages in (dispatched asynchronously). rows: [L, 2, len(pages), ps, W].
         The page count is padded to a power of two so few shapes compile."""
+        if self.mirror is not None:
+            self.mirror.send(("write", pages, rows))
         n = _bucket(len(pages))
         ids = np.full(n, self.num_pages, np.int32)  # out of range: dropped
         ids[:len(pages)] = pages
