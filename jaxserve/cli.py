@@ -134,6 +134,9 @@ def main(argv=None) -> int:
     from jaxserve import runtime  # (here, not at import: --help stays instant)
     runtime.setup_process()
     try:
+        if args.command != "follow" and getattr(args, "process_id", 0):
+            raise ValueError(f"process_id={args.process_id} is a multi-host follower; allowed: `jaxserve "
+                             f"{args.command}` on process 0 and `jaxserve follow` on the others")
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, as argparse does
         print(f"jaxserve {args.command}: error: {e}", file=sys.stderr)

@@ -73,3 +73,11 @@ def test_bad_process_options_are_named(options, message):
 def test_llm_on_a_follower_points_to_follow():
     with pytest.raises(ValueError, match=r"process_id=1 is a multi-host follower.*jaxserve follow"):
         LLM(str(TINY), num_processes=2, process_id=1, coordinator_address="localhost:1")
+
+
+def test_cli_commands_but_follow_refuse_a_follower(capsys):
+    from jaxserve import cli
+    code = cli.main(["generate", "--model", str(TINY), "--process-id", "1", "--num-processes", "2",
+                     "--coordinator-address", "localhost:1", "hi"])
+    assert code == 2
+    assert "process_id=1 is a multi-host follower" in capsys.readouterr().err

@@ -113,7 +113,13 @@ def lora_deltas(x, pool, layer, meta, modules: tuple[str, ...], out_features: tu
     a = gather_rank_rows(pool, layer, a_rows, x.shape[-1]).astype(x.dtype)              # [M, sum R, in]
     shrunk = jnp.einsum("mgi,mri->mgr", xt, a, preferred_element_type=jnp.float32)
     shrunk = jnp.where(live[:, None, :], shrunk, 0.0)  # rank-rows past a rank may hold anything
-    shrunk = shrunk[..., None, :] if combine_shrink is None else combine_shrink(shrunk)  # [M, G, K, sum R]
+    if combine_shrink is None:
+        shrunk = shrunk[..., None, :]                                                     # [M, G, 1, sum R]
+    else:  # TP's collective on token rows: a batch of distinct adapters pads its tiles up to 5x
+        rows = jnp.take(shrunk.reshape(-1, shrunk.shape[-1]), tiles["token_rows"], axis=0, mode="fill", fill_value=0)
+        rows = combine_shrink(rows)                                                       # [T, K, sum R]
+        shrunk = jnp.take(rows, tiles["tile_tokens"], axis=0, mode="fill", fill_value=0)
+        shrunk = shrunk.reshape(num_tiles, -1, *rows.shape[1:])                          # [M, G, K, sum R]
     outs, start = [], 0
     for t, width in zip(ts, out_features):
         rank = t["live"].shape[1]
