@@ -2,17 +2,22 @@
 tensor, cast on the device) against the eager way it loaded before (every tensor as a float32
 host array, stacked on the host, then cast and moved), side by side on the same checkpoint.
 
-    python benchmarks/load_memory.py [--layers 10] [--keep DIR]
+    python benchmarks/load_memory.py [--layers 10] [--keep DIR] [--tensor-parallel 4]
 
 A synthetic Llama checkpoint (hidden 2048, 10 layers: ~0.57 B parameters, ~1.1 GB of bfloat16)
 is written once; each loader then runs in a fresh process that reports its peak RSS
 (ru_maxrss) and wall time. On a CPU the "device" is host memory too, so the loaded params (in
 bfloat16) count in both figures: the difference is what loading itself costs.
+
+With --tensor-parallel N (N CPU devices): two loaders more — TP N with the params read from the
+file straight into their shards (distributed/sharded_load.py, HEAD), and TP N the way it loaded
+before (every param whole on one device, then laid out and split by TensorParallel.place).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -52,6 +57,26 @@ params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
 n = sum(x.size for x in jax.tree.leaves(params))
 """,
 }
+TP_LOADERS = {
+    "TP {n} sharded": """
+from jaxserve.config import EngineConfig
+from jaxserve.loading import load_model
+model = load_model(EngineConfig(model=FOLDER, dtype="bfloat16", tensor_parallel_size={n}))
+n = sum(x.size for x in jax.tree.leaves(model.params))
+""",
+    "TP {n} whole, split": """
+import jax.numpy as jnp
+from jaxserve.config import ModelConfig
+from jaxserve.distributed.tensor_parallel import TensorParallel
+from jaxserve.model import weights
+folder = Path(FOLDER)
+cfg = ModelConfig.from_hf(weights.read_config(folder))
+tp = TensorParallel.create({n}, cfg)
+params = weights.hf_to_params(cfg, weights.SafetensorsFolder(folder), jnp.bfloat16,
+                              lambda key, w: tp.place(key, w, cfg))
+n = sum(x.size for x in jax.tree.leaves(params))
+""",
+}
 
 
 def write_checkpoint(folder: Path, layers: int) -> int:
@@ -78,19 +103,20 @@ def write_checkpoint(folder: Path, layers: int) -> int:
     return total
 
 
-def run(loader: str, folder: Path) -> dict:
+def run(loader: str, code: str, folder: Path, devices: int) -> dict:
     script = f"""
 import json, resource, sys, time
 from pathlib import Path
 import jax
 FOLDER = {str(folder)!r}
 start = time.perf_counter()
-{LOADERS[loader]}
+{code}
 print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "seconds": time.perf_counter() - start, "params": int(n)}}))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={"JAX_PLATFORMS": "cpu", **__import__("os").environ})
+    env = {"JAX_PLATFORMS": "cpu", **os.environ,
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"{loader}: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -100,6 +126,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--keep", help="write (or reuse) the checkpoint in this folder")
+    ap.add_argument("--tensor-parallel", type=int, default=0, help="also load at this TP size, both ways (0: not)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.keep or tmp) / "bf16-llama"
@@ -107,9 +134,14 @@ def main(argv=None) -> None:
             total = write_checkpoint(folder, args.layers)
             print(f"wrote {total / 1e9:.2f} B parameters, {(folder / 'model.safetensors').stat().st_size / 2**30:.2f} GiB "
                   f"of bfloat16, to {folder}")
-        results = {name: run(name, folder) for name in LOADERS}
+        loaders = dict(LOADERS)
+        if args.tensor_parallel:
+            loaders.update({name.format(n=args.tensor_parallel): code.replace("{n}", str(args.tensor_parallel))
+                            for name, code in TP_LOADERS.items()})
+        devices = max(1, args.tensor_parallel)
+        results = {name: run(name, code, folder, devices) for name, code in loaders.items()}
         for name, r in results.items():
-            print(f"{name:>15}: peak RSS {r['peak_rss_mb']:8.0f} MiB, {r['seconds']:5.1f} s, {r['params'] / 1e9:.2f} B params")
+            print(f"{name:>20}: peak RSS {r['peak_rss_mb']:8.0f} MiB, {r['seconds']:5.1f} s, {r['params'] / 1e9:.2f} B params")
         ratio = results["eager (before)"]["peak_rss_mb"] / results["streamed"]["peak_rss_mb"]
         print(f"peak RSS eager / streamed: {ratio:.2f}x")
 

@@ -52,8 +52,7 @@ def chunks(width: int, row_width: int) -> int:
 
 
 def _rows(rank: int, module: str, cfg: ModelConfig) -> ModuleRows:
-    """The module's rows at offset 0 (a_offset 0; b_offset = A's row count; b_offset + B's row
-    count via module_rows)."""
+    """The module's ModuleRows as if the adapter began with it: b_offset is then A's row count."""
     parts = cfg.rank_parts(module)
     fan_in = cfg.module_shape(module)[0]
     return ModuleRows(rank, 0, -(-rank // parts) * chunks(fan_in, cfg.kv_size), parts)
